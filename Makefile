@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv
+# on a fresh machine (python3 -m venv + pip install -e '.[dev]') and runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test lint bench results clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/digits_demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check sam_optax tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

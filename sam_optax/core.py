@@ -1,0 +1,433 @@
+"""The SAM step, shared by every variant.
+
+A sharpness-aware step has three parts that vary independently across the
+literature (see ``DESIGN.md``):
+
+1. the **ascent** (:class:`Ascent`) computes the perturbation ε from the clean
+   gradient ``g`` -- see :mod:`sam_optax.ascent`;
+2. the **descent** (:class:`Descent`) decides what ``base_tx`` receives from
+   ``g`` and the perturbed gradient ``g_sam = ∇L(w + ε)`` -- see
+   :mod:`sam_optax.descent`;
+3. the **schedule** (:class:`Schedule`) decides *when* the second gradient is
+   paid for -- see :mod:`sam_optax.schedule`. A skipped step goes through
+   ``lax.cond``, so its second gradient is really not computed.
+
+:func:`sharpness_aware` wires the three parts around ``base_tx``. The second
+gradient is taken in exactly one place, :func:`perturbed_gradient`.
+
+Data parallelism: with ``axis_name`` set, the step runs inside a mapped
+computation (``pmap``, ``shard_map``, ``vmap(axis_name=...)``) and the caller
+passes **local, un-averaged** gradients. ε is computed per shard (m-sharpness)
+unless ``perturbation_axis_name`` names axes over which ``g`` is averaged
+first; the perturbed gradient is averaged over ``axis_name`` before
+``base_tx`` so replicas stay identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import numerics
+from sam_optax import validation
+
+PyTree = Any
+AxisName = Union[str, Sequence[str], None]
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+class SAMDiagnostics(NamedTuple):
+    """Scalars recorded at every step, at no extra forward or backward pass.
+
+    Attributes:
+      grad_norm: ‖g‖₂ of the gradient that defined ε (after any averaging over
+        ``perturbation_axis_name``; mean over replicas).
+      perturbation_norm: ‖ε‖₂ (equals ρ for plain SAM with a nonzero gradient).
+      cosine: cos∠(g, g_sam) between the clean and the perturbed gradient.
+      loss: L(w), when the caller passes ``value=`` to ``update``; else 0.
+      perturbed_loss: L(w + ε), when ``grad_fn`` returns ``(value, grads)``
+        (e.g. ``jax.value_and_grad``); else 0.
+      sharpness: ``perturbed_loss - loss`` when both are known; else 0.
+      perturbed: whether the second gradient was computed at this step.
+    """
+
+    grad_norm: jax.Array
+    perturbation_norm: jax.Array
+    cosine: jax.Array
+    loss: jax.Array
+    perturbed_loss: jax.Array
+    sharpness: jax.Array
+    perturbed: jax.Array
+
+
+class SAMState(NamedTuple):
+    """State of every SAM-type transformation.
+
+    Attributes:
+      count: number of updates so far (int32).
+      rho: the radius ρ used at the last update.
+      base_state: the state of ``base_tx``.
+      ascent_state: state of the ascent (``()`` for plain SAM).
+      descent_state: state of the descent (``()`` for plain SAM).
+      schedule_state: state of the schedule (``()`` for every-step SAM).
+      diagnostics: :class:`SAMDiagnostics` of the last update.
+    """
+
+    count: jax.Array
+    rho: jax.Array
+    base_state: optax.OptState
+    ascent_state: Any
+    descent_state: Any
+    schedule_state: Any
+    diagnostics: SAMDiagnostics
+
+
+class Ascent(NamedTuple):
+    """How ε is computed from the clean gradient.
+
+    Attributes:
+      init: ``init(params) -> ascent_state``.
+      perturbation: ``perturbation(grads, state, params, *, rho, grad_fn,
+        count) -> (epsilon, new_state)``. ``epsilon`` has the tree of params,
+        in each leaf's compute dtype (float32 or wider), zero where nothing is
+        perturbed. ``grad_fn(params) -> grads`` may be called for multi-step
+        ascents; the final gradient at ``params + epsilon`` is taken by the
+        core, never here.
+    """
+
+    init: Callable[[PyTree], Any]
+    perturbation: Callable[..., tuple[PyTree, Any]]
+
+
+class Descent(NamedTuple):
+    """What ``base_tx`` receives, from the clean and the perturbed gradients.
+
+    Attributes:
+      init: ``init(params) -> descent_state``.
+      combine: ``combine(grads, perturbed_grads, state, params, *,
+        perturbation, rho, count) -> (descent_grads, new_state)`` on steps that
+        took the second gradient.
+      reuse: ``reuse(grads, state, params, *, count) -> (descent_grads,
+        new_state)`` on steps the schedule skipped (``None``: hand ``grads``
+        to ``base_tx`` unchanged, i.e. a plain base step).
+      uses_clean_grads: whether ``combine`` reads ``grads``; when False the
+        core skips averaging ``g`` over ``axis_name`` (one all-reduce fewer).
+    """
+
+    init: Callable[[PyTree], Any]
+    combine: Callable[..., tuple[PyTree, Any]]
+    reuse: Optional[Callable[..., tuple[PyTree, Any]]] = None
+    uses_clean_grads: bool = True
+
+
+class Schedule(NamedTuple):
+    """When the second gradient is paid for.
+
+    Attributes:
+      init: ``init(params) -> schedule_state``.
+      decide: ``decide(grads, state, *, count) -> (perturb, new_state)``.
+        ``perturb`` is the Python constant ``True`` (always: no ``lax.cond``
+        is built) or a boolean scalar array. Under ``axis_name`` the core
+        passes the replica-averaged gradient, so every replica decides alike.
+      uses_grads: whether ``decide`` reads ``grads`` (when False, no
+        averaging is done for it).
+    """
+
+    init: Callable[[PyTree], Any]
+    decide: Callable[..., tuple[Union[bool, jax.Array], Any]]
+    uses_grads: bool = True
+
+
+_MISSING_GRAD_FN = (
+    "SAM needs the gradient at the perturbed point: pass `grad_fn`, e.g. "
+    "`tx.update(grads, opt_state, params, grad_fn=jax.grad(loss_fn))`, where "
+    "`loss_fn(params)` is the mini-batch loss of this step.")
+
+
+def split_value_and_grads(out: Any, params: PyTree, name: str = "grad_fn"
+                          ) -> tuple[Optional[jax.Array], PyTree]:
+    """Accept ``grads`` or ``(value, grads)`` (also ``((value, aux), grads)``).
+
+    The two forms cannot be confused: a tree never has the structure of a pair
+    whose second element has the tree's own structure.
+
+    Raises:
+      ValueError: naming both structures (or the mismatching leaf) when the
+        output is not a gradient of ``params``.
+    """
+    params_struct = jax.tree.structure(params)
+    value = None
+    grads = out
+    if jax.tree.structure(out) != params_struct:
+        if (isinstance(out, tuple) and len(out) == 2
+                and jax.tree.structure(out[1]) == params_struct):
+            value, grads = out
+            if isinstance(value, tuple):  # jax.value_and_grad(has_aux=True)
+                value = value[0]
+            value = jnp.asarray(value)
+            if value.shape != ():
+                raise ValueError(
+                    f"`{name}` returned (value, grads) with a value of shape "
+                    f"{value.shape}; the value must be the scalar loss.")
+        else:
+            raise ValueError(
+                f"`{name}` must return gradients with the tree structure of "
+                "params (or `(value, grads)` as `jax.value_and_grad` does).\n"
+                f"  params:        {params_struct}\n"
+                f"  {name} gave: {jax.tree.structure(out)}")
+    validation.check_same_shapes(grads, params, name)
+    return value, grads
+
+
+def perturbed_gradient(grad_fn: Callable[[PyTree], Any], params: PyTree,
+                       perturbation: PyTree
+                       ) -> tuple[Optional[jax.Array], PyTree]:
+    """The one place the second gradient is taken: ``grad_fn(params + ε)``.
+
+    ``params + ε`` is added in float32 (or wider) and cast back to each leaf's
+    dtype. Returns ``(value or None, grads)``.
+    """
+    perturbed_params = numerics.add_perturbation(params, perturbation)
+    return split_value_and_grads(grad_fn(perturbed_params), params)
+
+
+def _pmean(tree: PyTree, axis_name: AxisName,
+           axis_index_groups: Optional[Sequence[Sequence[int]]] = None):
+    if axis_name is None:
+        return tree
+    return jax.lax.pmean(tree, axis_name, axis_index_groups=axis_index_groups)
+
+
+def _zero_diagnostics() -> SAMDiagnostics:
+    zero = jnp.zeros([], jnp.float32)
+    return SAMDiagnostics(zero, zero, zero, zero, zero, zero,
+                          jnp.zeros([], jnp.bool_))
+
+
+def _as_scalar(value: Optional[jax.Array]) -> jax.Array:
+    if value is None:
+        return jnp.zeros([], jnp.float32)
+    return jnp.asarray(value).astype(jnp.float32)
+
+
+def sharpness_aware(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule,
+    *,
+    ascent: Ascent,
+    descent: Descent,
+    schedule: Schedule,
+    axis_name: AxisName = None,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Build a SAM-type transformation from an ascent, a descent and a schedule.
+
+    Each update, with ``g`` the gradient at ``w``:
+
+    .. math::
+
+      ε = \\mathrm{ascent}(g), \\qquad g_{sam} = ∇L(w + ε), \\qquad
+      u = \\mathrm{base\\_tx}(\\mathrm{descent}(g, g_{sam}))
+
+    and, on steps the schedule skips, ``u = base_tx(descent.reuse(g))``
+    without evaluating ``∇L`` again.
+
+    Args:
+      base_tx: the optimizer that receives the (SAM) gradient.
+      rho: the radius ρ ≥ 0, a float or a schedule of the update count.
+      ascent: how ε is computed (:mod:`sam_optax.ascent`).
+      descent: what ``base_tx`` receives (:mod:`sam_optax.descent`).
+      schedule: when the second gradient is taken (:mod:`sam_optax.schedule`).
+      axis_name: mapped axis (or axes) over which replicas average the
+        gradient handed to ``base_tx``. The caller passes *local* gradients.
+      perturbation_axis_name: axes over which ``g`` is averaged before the
+        ascent. ``None``: per-shard ε (m-sharpness); ``axis_name``: one
+        synchronised ε (SAM on the global batch); a sub-axis: grouped ε.
+      perturbation_axis_index_groups: optional ``axis_index_groups`` for that
+        averaging (groups of replicas sharing one ε, under ``pmap``).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+      ``(grads, state, params, *, grad_fn, **extra_args)``. Extra arguments
+      (``value=`` among them) are forwarded to ``base_tx`` when it accepts them.
+    """
+    validation.check_rho(rho)
+    base_tx = validation.as_transformation(base_tx)
+    validation.check_axis_name(axis_name, "axis_name")
+    validation.check_axis_name(perturbation_axis_name, "perturbation_axis_name")
+    if perturbation_axis_index_groups is not None and perturbation_axis_name is None:
+        raise ValueError(
+            "`perturbation_axis_index_groups` needs `perturbation_axis_name` "
+            "(the axis whose replicas are grouped).")
+
+    def init_fn(params: PyTree) -> SAMState:
+        return SAMState(
+            count=jnp.zeros([], jnp.int32),
+            rho=jnp.zeros([], jnp.float32),
+            base_state=base_tx.init(params),
+            ascent_state=ascent.init(params),
+            descent_state=descent.init(params),
+            schedule_state=schedule.init(params),
+            diagnostics=_zero_diagnostics(),
+        )
+
+    def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
+                  grad_fn: Optional[Callable[[PyTree], Any]] = None,
+                  **extra_args: Any) -> tuple[PyTree, SAMState]:
+        if grad_fn is None:
+            raise TypeError(_MISSING_GRAD_FN)
+        if params is None:
+            raise ValueError(
+                "SAM perturbs the parameters: pass them, "
+                "`tx.update(grads, opt_state, params, grad_fn=...)`.")
+        validation.check_no_masked_nodes(params)
+        validation.check_same_structure(grads, params, "grads")
+        count = state.count
+        rho_t = jnp.asarray(rho(count) if callable(rho) else rho).astype(
+            jnp.float32)
+        clean_value = extra_args.get("value")
+
+        def checked_grad_fn(point: PyTree) -> PyTree:
+            return split_value_and_grads(grad_fn(point), params)[1]
+
+        # The gradient that defines ε: local (m-sharpness) unless averaged.
+        ascent_grads = _pmean(grads, perturbation_axis_name,
+                              perturbation_axis_index_groups)
+        same_average = (perturbation_axis_name == axis_name
+                        and perturbation_axis_index_groups is None)
+        # The clean gradient as the descent and the schedule see it: averaged
+        # over replicas so that every replica takes the same decision/step.
+        # Averaged only when someone reads it (an all-reduce of param size).
+        averaged: list = []
+
+        def mean_grads() -> PyTree:
+            if not averaged:
+                averaged.append(ascent_grads if axis_name is None or same_average
+                                else _pmean(grads, axis_name))
+            return averaged[0]
+
+        perturb, schedule_state = schedule.decide(
+            mean_grads() if schedule.uses_grads else grads,
+            state.schedule_state, count=count)
+        if perturb is not True or descent.uses_clean_grads:
+            mean_grads()  # computed outside lax.cond, read inside it
+
+        def with_second_gradient(substates):
+            ascent_state, descent_state = substates
+            epsilon, ascent_state = ascent.perturbation(
+                ascent_grads, ascent_state, params, rho=rho_t,
+                grad_fn=checked_grad_fn, count=count)
+            perturbed_value, perturbed_grads = perturbed_gradient(
+                grad_fn, params, epsilon)
+            diagnostics = SAMDiagnostics(
+                grad_norm=numerics.global_norm(ascent_grads),
+                perturbation_norm=numerics.global_norm(epsilon),
+                cosine=numerics.cosine_similarity(ascent_grads, perturbed_grads),
+                loss=_as_scalar(clean_value),
+                perturbed_loss=_as_scalar(perturbed_value),
+                sharpness=(_as_scalar(perturbed_value) - _as_scalar(clean_value)
+                           if perturbed_value is not None
+                           and clean_value is not None
+                           else jnp.zeros([], jnp.float32)),
+                perturbed=jnp.ones([], jnp.bool_),
+            )
+            if axis_name is not None:
+                perturbed_grads = _pmean(perturbed_grads, axis_name)
+                diagnostics = diagnostics._replace(
+                    **{k: _pmean(v, axis_name) for k, v in
+                       diagnostics._asdict().items() if k != "perturbed"})
+            clean = mean_grads() if descent.uses_clean_grads else grads
+            descent_grads, descent_state = descent.combine(
+                clean, perturbed_grads, descent_state, params,
+                perturbation=epsilon, rho=rho_t, count=count)
+            return (numerics.cast_like(descent_grads, grads), ascent_state,
+                    descent_state, diagnostics)
+
+        def without_second_gradient(substates):
+            ascent_state, descent_state = substates
+            if descent.reuse is None:
+                descent_grads = mean_grads()
+            else:
+                descent_grads, descent_state = descent.reuse(
+                    mean_grads(), descent_state, params, count=count)
+            diagnostics = _zero_diagnostics()._replace(
+                grad_norm=numerics.global_norm(mean_grads()),
+                loss=_as_scalar(clean_value))
+            return (numerics.cast_like(descent_grads, grads), ascent_state,
+                    descent_state, diagnostics)
+
+        substates = (state.ascent_state, state.descent_state)
+        if perturb is True:
+            branch = with_second_gradient(substates)
+        else:
+            branch = jax.lax.cond(perturb, with_second_gradient,
+                                  without_second_gradient, substates)
+        descent_grads, ascent_state, descent_state, diagnostics = branch
+
+        updates, base_state = base_tx.update(
+            descent_grads, state.base_state, params, **extra_args)
+        new_state = SAMState(
+            count=optax.safe_int32_increment(count),
+            rho=rho_t,
+            base_state=base_state,
+            ascent_state=ascent_state,
+            descent_state=descent_state,
+            schedule_state=schedule_state,
+            diagnostics=diagnostics,
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_sam_states(opt_state: Any) -> list[SAMState]:
+    """All :class:`SAMState` inside an optimizer state (chains, wrappers)."""
+    found: list[SAMState] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, SAMState):
+            found.append(node)
+            return
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+        elif hasattr(node, "__dict__") and not isinstance(node, jax.Array):
+            for child in vars(node).values():
+                visit(child)
+
+    visit(opt_state)
+    return found
+
+
+def diagnostics(opt_state: Any) -> SAMDiagnostics:
+    """The :class:`SAMDiagnostics` of the last update, wherever SAM sits.
+
+    Works on the state of ``sam(...)`` itself, of an ``optax.chain`` holding
+    it, of ``optax.inject_hyperparams(sam_optax.sam)(...)``, and so on.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> params = jnp.zeros(3)
+      >>> tx = sam_optax.sam(optax.sgd(0.1), rho=0.05)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss_fn)(params)
+      >>> _, state = tx.update(grads, state, params, grad_fn=jax.grad(loss_fn))
+      >>> round(float(sam_optax.diagnostics(state).perturbation_norm), 4)
+      0.05
+
+    Raises:
+      ValueError: if the state holds no SAM state, or several.
+    """
+    states = find_sam_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(
+            f"expected exactly one SAM state in `opt_state`, found {len(states)}.")
+    return states[0].diagnostics

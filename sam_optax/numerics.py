@@ -1,0 +1,216 @@
+"""Tree numerics shared by every SAM variant: safe norms, dtypes and masks.
+
+Everything that can produce a NaN lives here, written once:
+
+* global L2 norms are accumulated in float32 (or wider, for float64 leaves);
+* a normalisation ``v / ‖v‖`` returns exactly zero for a zero vector and stays
+  exact for vectors whose squares underflow (``1e-30`` gradients), by
+  rescaling with ``max |v|`` on that rare path only;
+* perturbations are computed in float32 and cast back to each leaf's dtype;
+* masks select which leaves take part (``True`` = selected); unselected leaves
+  get an exact zero and do not enter any norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Mask = Union[PyTree, Callable[[PyTree], PyTree], None]
+
+# Below this sum of squares the float32 accumulation has lost digits to
+# underflow (each square of a 1e-20 entry is already subnormal); we then take
+# the rescaled path, which is exact at any magnitude.
+_SMALL_SUM_OF_SQUARES = 1e-20
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype a leaf's perturbation arithmetic is done in: float32 or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def is_float(x: Any) -> bool:
+    """Whether a leaf takes part in perturbations (inexact dtype)."""
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def resolve_mask(mask: Mask, params: PyTree) -> PyTree | None:
+    """Turn a mask (bool tree, callable on params, or None) into a bool tree.
+
+    Raises:
+      ValueError: if the mask's tree does not match ``params``.
+    """
+    if mask is None:
+        return None
+    mask_tree = mask(params) if callable(mask) else mask
+    params_struct = jax.tree.structure(params)
+    try:
+        mask_struct = jax.tree.structure(params_struct.unflatten(
+            jax.tree.leaves(mask_tree)))
+        leaves = params_struct.flatten_up_to(mask_tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "`mask` must be a tree of bools with the same structure as params "
+            f"(or a callable returning one); params have structure "
+            f"{params_struct} but the mask has structure "
+            f"{jax.tree.structure(mask_tree)}.") from err
+    del mask_struct
+    for leaf in leaves:
+        if not isinstance(leaf, (bool, jax.Array)) and not hasattr(leaf, "dtype"):
+            raise ValueError(
+                "`mask` leaves must be Python bools (or boolean arrays); got "
+                f"{type(leaf).__name__}.")
+    return params_struct.unflatten(leaves)
+
+
+def _selected(tree: PyTree, mask_tree: PyTree | None) -> list:
+    """Leaves of ``tree`` that take part: float leaves that the mask selects."""
+    leaves = jax.tree.leaves(tree)
+    if mask_tree is None:
+        flags = [True] * len(leaves)
+    else:
+        flags = jax.tree.structure(tree).flatten_up_to(mask_tree)
+    return [x for x, keep in zip(leaves, flags) if keep is not False and is_float(x)]
+
+
+def sum_of_squares(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
+    """Σ x² over the selected float leaves, accumulated in float32 (or wider)."""
+    leaves = _selected(tree, mask_tree)
+    acc_dtype = jnp.float32
+    for x in leaves:
+        acc_dtype = jnp.promote_types(acc_dtype, x.dtype)
+    total = jnp.zeros([], acc_dtype)
+    for x in leaves:
+        x = x.astype(acc_dtype)
+        total = total + jnp.sum(x * x)
+    return total
+
+
+def _norm_factors(tree: PyTree, mask_tree: PyTree | None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Scalars ``(norm, a, b)`` with ``tree / norm == (tree * a) * b``.
+
+    Fast path (the usual one): a single pass, ``a = 1`` and ``b = 1/norm``.
+    When the sum of squares underflows or overflows we rescale by ``s = max |x|`` first:
+    ``a = 1/s``, ``b = 1/‖x/s‖``. Only scalars leave the ``lax.cond``, so the
+    elementwise scaling stays fusible with whatever consumes it. A zero tree
+    gives ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
+    """
+    sumsq = sum_of_squares(tree, mask_tree)
+    one = jnp.ones([], sumsq.dtype)
+
+    def fast(_):
+        norm = jnp.sqrt(sumsq)
+        return norm, one, 1.0 / norm
+
+    def rescaled(_):
+        scale = max_abs(tree, mask_tree).astype(sumsq.dtype)
+        nonzero = scale > 0
+        recip = jnp.where(nonzero, 1.0 / jnp.where(nonzero, scale, 1.0), 0.0)
+        scaled = jax.tree.map(
+            lambda x: x.astype(compute_dtype(x.dtype)) * recip.astype(
+                compute_dtype(x.dtype)) if is_float(x) else x, tree)
+        scaled_norm = jnp.sqrt(sum_of_squares(scaled, mask_tree))
+        inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, scaled_norm, 1.0), 0.0)
+        return scale * scaled_norm, recip, inv
+
+    # Huge entries (|x| > 1e19) overflow the squares to inf: rescale too.
+    well_scaled = (sumsq >= _SMALL_SUM_OF_SQUARES) & jnp.isfinite(sumsq)
+    return jax.lax.cond(well_scaled, fast, rescaled, None)
+
+
+def global_norm(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
+    """‖tree‖₂ over the selected leaves; exact even when squares underflow."""
+    return _norm_factors(tree, mask_tree)[0]
+
+
+def max_abs(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
+    """max |x| over the selected leaves (0 for an empty selection)."""
+    leaves = [x for x in _selected(tree, mask_tree) if x.size]
+    result = jnp.zeros([], jnp.float32)
+    for x in leaves:
+        result = jnp.maximum(result, jnp.max(jnp.abs(x)).astype(result.dtype))
+    return result
+
+
+def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None
+                   ) -> tuple[PyTree, jax.Array]:
+    """Return ``(tree / ‖tree‖, ‖tree‖)`` in float32 (or wider).
+
+    A zero (or all-unselected) tree gives a zero direction and norm 0, never a
+    NaN; tiny trees (1e-30) keep their exact direction. Unselected and
+    non-float leaves come back as zeros of the leaf's compute dtype.
+    """
+    norm, pre, post = _norm_factors(tree, mask_tree)
+
+    def direction(x, keep):
+        if not is_float(x) or keep is False:
+            dtype = compute_dtype(x.dtype) if is_float(x) else jnp.float32
+            return jnp.zeros(jnp.shape(x), dtype)
+        xc = x.astype(compute_dtype(x.dtype))
+        return (xc * pre.astype(xc.dtype)) * post.astype(xc.dtype)
+
+    unit = jax.tree.map(direction, tree, _mask_flags(tree, mask_tree))
+    return unit, norm
+
+
+def _mask_flags(tree: PyTree, mask_tree: PyTree | None) -> PyTree:
+    if mask_tree is None:
+        return jax.tree.map(lambda _: True, tree)
+    return mask_tree
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """⟨a, b⟩ over float leaves, accumulated in float32 (or wider)."""
+    total = jnp.zeros([], jnp.float32)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if not (is_float(x) and is_float(y)):
+            continue
+        dtype = jnp.promote_types(compute_dtype(x.dtype), y.dtype)
+        total = total.astype(jnp.promote_types(total.dtype, dtype))
+        total = total + jnp.sum(x.astype(dtype) * y.astype(dtype))
+    return total
+
+
+def cosine_similarity(a: PyTree, b: PyTree) -> jax.Array:
+    """cos∠(a, b) over the whole tree; 0 when either side is zero."""
+    norm_a, norm_b = global_norm(a), global_norm(b)
+    denom = norm_a * norm_b
+    safe = denom > 0
+    # Normalise first so the dot product cannot overflow or underflow.
+    unit_a, _ = safe_normalize(a)
+    unit_b, _ = safe_normalize(b)
+    return jnp.where(safe, jnp.clip(tree_vdot(unit_a, unit_b), -1.0, 1.0), 0.0)
+
+
+def scale_tree(tree: PyTree, factor: jax.Array) -> PyTree:
+    """``factor * tree`` computed in the compute dtype (no cast back)."""
+    return jax.tree.map(
+        lambda x: x.astype(compute_dtype(x.dtype)) * factor.astype(
+            compute_dtype(x.dtype)) if is_float(x) else x, tree)
+
+
+def add_perturbation(params: PyTree, perturbation: PyTree) -> PyTree:
+    """``params + ε`` added in float32 (or wider), cast back to params' dtypes."""
+    def add(p, e):
+        if not is_float(p):
+            return p
+        wide = compute_dtype(p.dtype)
+        return (p.astype(wide) + e.astype(wide)).astype(p.dtype)
+    return jax.tree.map(add, params, perturbation)
+
+
+def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
+    """Cast each float leaf of ``tree`` to the dtype of ``reference``'s leaf."""
+    return jax.tree.map(
+        lambda x, r: x.astype(r.dtype) if is_float(r) else x, tree, reference)
+
+
+def zeros_like_compute(tree: PyTree) -> PyTree:
+    """Zeros shaped like ``tree`` in each leaf's compute dtype."""
+    return jax.tree.map(
+        lambda x: jnp.zeros(x.shape, compute_dtype(x.dtype))
+        if is_float(x) else jnp.zeros_like(x), tree)

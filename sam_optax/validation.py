@@ -1,0 +1,150 @@
+"""Argument checks with messages that name the argument and the fix.
+
+Checks run at construction time where the value is known; values that arrive
+traced (e.g. ρ under ``optax.inject_hyperparams``) are checked only for type.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import optax
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_nonnegative_scalar_or_schedule(value: Any, name: str) -> None:
+    """A float ≥ 0 (finite), a scalar array, or a callable schedule."""
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (Real, np.ndarray,
+                                                          jax.Array)):
+        raise ValueError(
+            f"`{name}` must be a non-negative float or an optax schedule "
+            f"(a function of the step count); got {type(value).__name__}: "
+            f"{value!r}.")
+    if _is_traced(value):
+        return
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(
+            f"`{name}` must be a scalar; got an array of shape {array.shape}.")
+    scalar = float(array)
+    if math.isnan(scalar) or scalar < 0 or math.isinf(scalar):
+        raise ValueError(
+            f"`{name}` must be finite and >= 0 (e.g. {name}=0.05); "
+            f"got {scalar}.")
+
+
+def check_rho(rho: Any) -> None:
+    """ρ: a non-negative finite float or a schedule."""
+    check_nonnegative_scalar_or_schedule(rho, "rho")
+
+
+def check_in_range(value: Any, name: str, low: float, high: float, *,
+                   low_open: bool = False, high_open: bool = False) -> None:
+    """``low ≤ value ≤ high`` (or open ends), skipped for traced values."""
+    if _is_traced(value) or callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (Real, np.ndarray,
+                                                          jax.Array)):
+        raise ValueError(f"`{name}` must be a number; got {value!r}.")
+    scalar = float(np.asarray(value))
+    too_low = scalar <= low if low_open else scalar < low
+    too_high = scalar >= high if high_open else scalar > high
+    if math.isnan(scalar) or too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(
+            f"`{name}` must lie in {left}{low}, {high}{right}; got {scalar}.")
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    """An integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+            value < 1):
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def as_transformation(base_tx: Any) -> optax.GradientTransformationExtraArgs:
+    """Accept any Optax transformation (or ``optax.MultiSteps``).
+
+    Raises:
+      TypeError: if ``base_tx`` has no ``init``/``update``.
+    """
+    if hasattr(base_tx, "gradient_transformation") and not isinstance(
+            base_tx, optax.GradientTransformation):
+        base_tx = base_tx.gradient_transformation()  # optax.MultiSteps
+    if not (callable(getattr(base_tx, "init", None))
+            and callable(getattr(base_tx, "update", None))):
+        raise TypeError(
+            "`base_tx` must be an optax.GradientTransformation (e.g. "
+            f"`optax.sgd(0.1)`); got {type(base_tx).__name__}.")
+    if not isinstance(base_tx, optax.GradientTransformation):
+        base_tx = optax.GradientTransformationExtraArgs(base_tx.init,
+                                                        base_tx.update)
+    return optax.with_extra_args_support(base_tx)
+
+
+def check_axis_name(axis_name: Any, name: str) -> None:
+    """``None``, a string, or a tuple of strings."""
+    if axis_name is None or isinstance(axis_name, str):
+        return
+    if isinstance(axis_name, (tuple, list)) and all(
+            isinstance(a, str) for a in axis_name):
+        return
+    raise ValueError(
+        f"`{name}` must be None, an axis name (str) or a tuple of them; "
+        f"got {axis_name!r}.")
+
+
+def check_same_structure(tree: Any, params: Any, name: str) -> None:
+    """``tree`` must have the structure and leaf shapes of ``params``."""
+    params_struct = jax.tree.structure(params)
+    tree_struct = jax.tree.structure(tree)
+    if tree_struct != params_struct:
+        raise ValueError(
+            f"`{name}` must have the tree structure of params.\n"
+            f"  params: {params_struct}\n"
+            f"  {name}: {tree_struct}")
+    check_same_shapes(tree, params, name)
+
+
+def check_same_shapes(tree: Any, params: Any, name: str) -> None:
+    """Leaf-by-leaf shape check, naming the first mismatching path."""
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), t in zip(paths, jax.tree.leaves(tree)):
+        if np.shape(p) != np.shape(t):
+            raise ValueError(
+                f"`{name}` leaf {jax.tree_util.keystr(path)} has shape "
+                f"{np.shape(t)} but the parameter has shape {np.shape(p)}.")
+
+
+def check_no_masked_nodes(params: Any) -> None:
+    """SAM needs the whole parameter tree to evaluate ``grad_fn``."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+        raise TypeError(
+            "SAM sits inside `optax.masked`/`optax.multi_transform` here and "
+            "sees only part of the parameters, so it cannot evaluate "
+            "`grad_fn` at params + ε. Put the masking inside SAM instead: "
+            "`sam_optax.sam(optax.masked(base, mask))` or "
+            "`sam_optax.sam(optax.multi_transform(...))`, and use "
+            "`sam_optax.sam(base, mask=...)` to perturb only some leaves.")
+
+
+def optional_mask_error(mask: Optional[Any]) -> None:
+    """Masks must be a bool tree, a callable or None."""
+    if mask is None or callable(mask):
+        return
+    for leaf in jax.tree.leaves(mask):
+        if not isinstance(leaf, (bool, np.bool_)):
+            raise ValueError(
+                "`mask` must be a tree of Python bools or a callable "
+                f"returning one; found a leaf {leaf!r}.")
