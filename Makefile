@@ -23,5 +23,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sam_optax tests benchmarks examples
 
+# Research-fidelity table and plot (label noise, SGD vs SAM): < 20 min on 2 cores.
+results: $(STAMP)
+	$(BIN)/python benchmarks/label_noise.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import numerics
+from sam_optax import parallel
 from sam_optax import validation
 
 PyTree = Any
@@ -198,7 +199,20 @@ def _pmean(tree: PyTree, axis_name: AxisName,
            axis_index_groups: Optional[Sequence[Sequence[int]]] = None):
     if axis_name is None:
         return tree
-    return jax.lax.pmean(tree, axis_name, axis_index_groups=axis_index_groups)
+    # Under shard_map, a value already averaged over some of the axes (e.g.
+    # a grouped ε's norm) must be typed varying over all of them first.
+    tree = parallel.to_varying(tree, axis_name)
+    if axis_index_groups is None:
+        return jax.lax.pmean(tree, axis_name)
+    try:
+        return jax.lax.pmean(tree, axis_name,
+                             axis_index_groups=axis_index_groups)
+    except NotImplementedError as err:  # JAX has groups under pmap only
+        raise ValueError(
+            "`perturbation_axis_index_groups` works under `jax.pmap` only; "
+            "under `jax.shard_map` put the groups on a second mesh axis and "
+            "pass it as `perturbation_axis_name`, under `vmap` split the "
+            "batch into groups with a second vmap.") from err
 
 
 def _zero_diagnostics() -> SAMDiagnostics:
@@ -286,13 +300,24 @@ def sharpness_aware(
                 "`tx.update(grads, opt_state, params, grad_fn=...)`.")
         validation.check_no_masked_nodes(params)
         validation.check_same_structure(grads, params, "grads")
+        if axis_name is not None:
+            # Inside shard_map: reject gradients summed over shards, and take
+            # every further gradient at a varying point so it stays local.
+            parallel.check_local_gradients(grads, axis_name)
+            grad_fn = parallel.local_grad_fn(grad_fn, axis_name)
         count = state.count
-        rho_t = jnp.asarray(rho(count) if callable(rho) else rho).astype(
-            jnp.float32)
+        rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
+        # At least float32 (inject_hyperparams hands bf16 ρ to bf16 params),
+        # float64 when x64 is on and ρ came as a Python float.
+        rho_t = rho_t.astype(jnp.promote_types(rho_t.dtype, jnp.float32))
         clean_value = extra_args.get("value")
 
         def checked_grad_fn(point: PyTree) -> PyTree:
-            return split_value_and_grads(grad_fn(point), params)[1]
+            # Handed to the ascent only (multi-step ascents): its gradients
+            # are averaged like the `g` that defines ε, so a synchronised ε
+            # stays synchronised over every ascent step.
+            return _pmean(split_value_and_grads(grad_fn(point), params)[1],
+                          perturbation_axis_name, perturbation_axis_index_groups)
 
         # The gradient that defines ε: local (m-sharpness) unless averaged.
         ascent_grads = _pmean(grads, perturbation_axis_name,
@@ -372,7 +397,7 @@ def sharpness_aware(
             descent_grads, state.base_state, params, **extra_args)
         new_state = SAMState(
             count=optax.safe_int32_increment(count),
-            rho=rho_t,
+            rho=rho_t.astype(jnp.float32),
             base_state=base_state,
             ascent_state=ascent_state,
             descent_state=descent_state,

@@ -1,12 +1,63 @@
-"""Ways to combine the clean and the perturbed gradients for ``base_tx``."""
+"""Ways to combine the clean and the perturbed gradients for ``base_tx``.
+
+A :class:`~sam_optax.core.Descent` receives, on steps that took the second
+gradient, the clean gradient ``g = ∇L(w)`` and the perturbed one
+``g_sam = ∇L(w + ε)`` and returns what ``base_tx`` sees. On steps a schedule
+skipped, its optional ``reuse`` builds that from ``g`` and its own state
+(LookSAM) without a second gradient.
+
+All arithmetic is done in float32 (or wider); the core casts the result back
+to the gradients' dtypes. Projections use :func:`orthogonal_part`, which is
+safe when the direction projected out is zero.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from sam_optax.core import Descent
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import numerics, validation
+from sam_optax.core import Descent, SAMState, ScalarOrSchedule
 
 PyTree = Any
+
+
+def _no_state(params: PyTree) -> tuple:
+    del params
+    return ()
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    return x.astype(numerics.compute_dtype(x.dtype))
+
+
+def _linear_combination(a: float | jax.Array, x: PyTree,
+                        b: float | jax.Array, y: PyTree) -> PyTree:
+    """``a·x + b·y`` leaf by leaf, in each leaf's compute dtype."""
+    def combine(u, v):
+        u, v = _wide(u), _wide(v)
+        dtype = jnp.promote_types(u.dtype, v.dtype)
+        return (jnp.asarray(a, dtype) * u.astype(dtype)
+                + jnp.asarray(b, dtype) * v.astype(dtype))
+    return jax.tree.map(combine, x, y)
+
+
+def orthogonal_part(tree: PyTree, direction: PyTree) -> PyTree:
+    """The component of ``tree`` orthogonal to ``direction`` (global dot).
+
+    .. math::
+
+      a_⊥ = a - \\langle a, \\hat b \\rangle \\hat b, \\qquad
+      \\hat b = b / \\lVert b \\rVert_2
+
+    ``a`` itself when ``b = 0`` (never NaN); computed in float32 or wider.
+    """
+    unit, _ = numerics.safe_normalize(direction)
+    along = numerics.tree_vdot(tree, unit)
+    return _linear_combination(1.0, tree, -along, unit)
 
 
 def sam_gradient() -> Descent:
@@ -16,17 +67,219 @@ def sam_gradient() -> Descent:
       Foret et al. 2021, https://arxiv.org/abs/2010.01412
     """
 
-    def init(params: PyTree) -> tuple:
-        del params
-        return ()
-
     def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
                 count):
         del grads, params, perturbation, rho, count
         return perturbed_grads, state
 
-    return Descent(init=init, combine=combine, reuse=None,
+    return Descent(init=_no_state, combine=combine, reuse=None,
                    uses_clean_grads=False)
 
 
-__all__ = ["sam_gradient"]
+def gsam_gradient(alpha: float = 0.1) -> Descent:
+    """GSAM's surrogate-gap guided descent (Zhuang et al. 2022, Alg. 1).
+
+    The clean gradient is split along the perturbed one; its orthogonal part
+    is *subtracted*, which lowers the surrogate gap L(w+ε) − L(w) without
+    changing the perturbed loss to first order:
+
+    .. math::
+
+      g_⊥ = g - \\langle g, \\hat g_{sam} \\rangle \\hat g_{sam}, \\qquad
+      d = g_{sam} - α\\, g_⊥
+
+    ``alpha = 0`` is plain SAM.
+
+    Args:
+      alpha: weight α ∈ [0, 1] of the surrogate-gap term.
+
+    References:
+      Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization,
+      ICLR 2022. https://arxiv.org/abs/2203.08065
+    """
+    validation.check_in_range(alpha, "alpha", 0.0, 1.0)
+
+    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
+                count):
+        del params, perturbation, rho, count
+        grads_orthogonal = orthogonal_part(grads, perturbed_grads)
+        return _linear_combination(1.0, perturbed_grads, -alpha,
+                                   grads_orthogonal), state
+
+    return Descent(init=_no_state, combine=combine)
+
+
+def _sharpness_weight(gamma: float) -> float:
+    validation.check_in_range(gamma, "gamma", 0.0, 1.0, high_open=True)
+    return float(gamma) / (1.0 - float(gamma))
+
+
+def wsam_gradient(gamma: float = 0.9) -> Descent:
+    """WSAM, coupled form: the weighted sharpness enters the gradient.
+
+    WSAM minimises :math:`L(w) + \\frac{γ}{1-γ}(L(w+ε) - L(w))`, whose gradient
+    is handed to ``base_tx``:
+
+    .. math::
+
+      d = \\frac{1 - 2γ}{1 - γ}\\, g + \\frac{γ}{1 - γ}\\, g_{sam}
+
+    ``gamma = 0`` is the base optimizer (on ``g``), ``gamma = 0.5`` is SAM.
+
+    Args:
+      gamma: sharpness weight γ ∈ [0, 1).
+
+    References:
+      Yue et al., Sharpness-Aware Minimization Revisited: Weighted Sharpness
+      as a Regularization Term, KDD 2023. https://arxiv.org/abs/2305.15817
+    """
+    weight = _sharpness_weight(gamma)
+
+    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
+                count):
+        del params, perturbation, rho, count
+        return _linear_combination(1.0 - weight, grads, weight,
+                                   perturbed_grads), state
+
+    return Descent(init=_no_state, combine=combine)
+
+
+class DecoupledSharpnessState(NamedTuple):
+    """State of :func:`wsam_decoupled_gradient`.
+
+    Attributes:
+      sharpness_grads: :math:`\\frac{γ}{1-γ}(g_{sam} - g)` of the last step, in
+        float32 (or wider), applied after ``base_tx`` by
+        :func:`add_decoupled_sharpness`.
+    """
+
+    sharpness_grads: PyTree
+
+
+def wsam_decoupled_gradient(gamma: float = 0.9) -> Descent:
+    """WSAM, decoupled form (Yue et al. 2023, Alg. 1): ``base_tx`` sees ``g``.
+
+    ``base_tx`` receives the clean gradient ``g``; the sharpness gradient
+    :math:`\\frac{γ}{1-γ}(g_{sam} - g)` is kept in the state and applied by
+    :func:`add_decoupled_sharpness` as a plain SGD step after ``base_tx``,
+    like decoupled weight decay.
+
+    Args:
+      gamma: sharpness weight γ ∈ [0, 1).
+    """
+    weight = _sharpness_weight(gamma)
+
+    def init(params):
+        return DecoupledSharpnessState(numerics.zeros_like_compute(params))
+
+    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
+                count):
+        del state, params, perturbation, rho, count
+        sharpness = _linear_combination(weight, perturbed_grads, -weight, grads)
+        return grads, DecoupledSharpnessState(sharpness)
+
+    return Descent(init=init, combine=combine)
+
+
+def add_decoupled_sharpness(
+    inner: optax.GradientTransformationExtraArgs,
+    learning_rate: ScalarOrSchedule,
+) -> optax.GradientTransformationExtraArgs:
+    """Apply WSAM's decoupled sharpness step after ``base_tx``.
+
+    .. math::
+
+      u = \\mathrm{base\\_tx}(g) - η_t \\frac{γ}{1-γ}(g_{sam} - g)
+
+    ``inner`` is a :func:`~sam_optax.sharpness_aware` transformation whose
+    descent is :func:`wsam_decoupled_gradient`; η_t is evaluated at the SAM
+    step count (the count ``base_tx``'s own schedule sees). The state is the
+    inner :class:`~sam_optax.SAMState` itself.
+    """
+    validation.check_nonnegative_scalar_or_schedule(learning_rate,
+                                                    "learning_rate")
+
+    def update_fn(grads, state: SAMState, params=None, **extra_args):
+        count = state.count
+        updates, state = inner.update(grads, state, params, **extra_args)
+        lr = jnp.asarray(learning_rate(count) if callable(learning_rate)
+                         else learning_rate, jnp.float32)
+        sharpness = state.descent_state.sharpness_grads
+        updates = jax.tree.map(
+            lambda u, s: (_wide(u) - lr.astype(s.dtype) * s).astype(u.dtype)
+            if numerics.is_float(u) else u, updates, sharpness)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+class LookSAMState(NamedTuple):
+    """State of :func:`looksam_gradient`.
+
+    Attributes:
+      orthogonal_grads: :math:`g_v`, the part of the last ``g_sam`` orthogonal
+        to its clean gradient, in float32 (or wider).
+    """
+
+    orthogonal_grads: PyTree
+
+
+def looksam_gradient(alpha: float = 0.7) -> Descent:
+    """LookSAM's reuse of the sharpness direction (Liu et al. 2022, Alg. 1).
+
+    On steps with a second gradient, ``base_tx`` receives ``g_sam`` and the
+    state keeps its component orthogonal to ``g``:
+
+    .. math::
+
+      g_v = g_{sam} - \\lVert g_{sam} \\rVert \\cos θ\\, \\frac{g}{\\lVert g
+      \\rVert} = g_{sam} - \\langle g_{sam}, \\hat g \\rangle \\hat g
+
+    On the other steps, with the fresh ``g`` and no second gradient:
+
+    .. math::
+
+      d = g + α \\frac{\\lVert g \\rVert}{\\lVert g_v \\rVert} g_v
+
+    Norms and the dot product are global over all leaves (the paper's
+    PyTorch code uses per-tensor ones). ``g_v = 0`` gives ``d = g``.
+
+    Args:
+      alpha: weight α ≥ 0 of the reused direction.
+
+    References:
+      Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization,
+      CVPR 2022. https://arxiv.org/abs/2203.02714
+    """
+    validation.check_in_range(alpha, "alpha", 0.0, float("inf"),
+                              high_open=True)
+
+    def init(params):
+        return LookSAMState(numerics.zeros_like_compute(params))
+
+    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
+                count):
+        del state, params, perturbation, rho, count
+        return perturbed_grads, LookSAMState(
+            orthogonal_part(perturbed_grads, grads))
+
+    def reuse(grads, state, params, *, count):
+        del params, count
+        unit, _ = numerics.safe_normalize(state.orthogonal_grads)
+        scale = alpha * numerics.global_norm(grads)
+        return _linear_combination(1.0, grads, scale, unit), state
+
+    return Descent(init=init, combine=combine, reuse=reuse)
+
+
+__all__ = [
+    "DecoupledSharpnessState",
+    "LookSAMState",
+    "add_decoupled_sharpness",
+    "gsam_gradient",
+    "looksam_gradient",
+    "orthogonal_part",
+    "sam_gradient",
+    "wsam_decoupled_gradient",
+    "wsam_gradient",
+]

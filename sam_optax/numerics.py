@@ -4,8 +4,8 @@ Everything that can produce a NaN lives here, written once:
 
 * global L2 norms are accumulated in float32 (or wider, for float64 leaves);
 * a normalisation ``v / ‖v‖`` returns exactly zero for a zero vector and stays
-  exact for vectors whose squares underflow (``1e-30`` gradients), by
-  rescaling with ``max |v|`` on that rare path only;
+  exact for vectors whose squares under- or overflow (``1e-30`` or ``1e30``
+  gradients), by power-of-two rescaling chosen branch-free;
 * perturbations are computed in float32 and cast back to each leaf's dtype;
 * masks select which leaves take part (``True`` = selected); unselected leaves
   get an exact zero and do not enter any norm.
@@ -22,8 +22,8 @@ PyTree = Any
 Mask = Union[PyTree, Callable[[PyTree], PyTree], None]
 
 # Below this sum of squares the float32 accumulation has lost digits to
-# underflow (each square of a 1e-20 entry is already subnormal); we then take
-# the rescaled path, which is exact at any magnitude.
+# underflow (each square of a 1e-20 entry is already subnormal); we then use
+# the rescaled sum.
 _SMALL_SUM_OF_SQUARES = 1e-20
 
 
@@ -89,37 +89,40 @@ def sum_of_squares(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
     return total
 
 
+# Power-of-two rescalings (exact in binary floating point) used when the
+# plain sum of squares under- or overflows: 2**50 lifts entries down to ~1e-34
+# into range, 2**-50 brings entries up to ~1e34 down. 50 rather than 64 so
+# that XLA folding two factors together (2**100) still fits in float32.
+_UP = 2.0 ** 50
+_DOWN = 2.0 ** -50
+
+
 def _norm_factors(tree: PyTree, mask_tree: PyTree | None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scalars ``(norm, a, b)`` with ``tree / norm == (tree * a) * b``.
 
-    Fast path (the usual one): a single pass, ``a = 1`` and ``b = 1/norm``.
-    When the sum of squares underflows or overflows we rescale by ``s = max |x|`` first:
-    ``a = 1/s``, ``b = 1/‖x/s‖``. Only scalars leave the ``lax.cond``, so the
-    elementwise scaling stays fusible with whatever consumes it. A zero tree
-    gives ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
+    Branch-free: three sums of squares (plain, scaled by 2⁵⁰, scaled by
+    2⁻⁵⁰) are sibling reductions over the same leaves, which XLA can fuse
+    into one pass; ``jnp.where`` on scalars picks the one in range. No
+    ``lax.cond``, whose predicate costs a device-to-host sync on GPU. A zero
+    tree gives ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
     """
-    sumsq = sum_of_squares(tree, mask_tree)
-    one = jnp.ones([], sumsq.dtype)
-
-    def fast(_):
-        norm = jnp.sqrt(sumsq)
-        return norm, one, 1.0 / norm
-
-    def rescaled(_):
-        scale = max_abs(tree, mask_tree).astype(sumsq.dtype)
-        nonzero = scale > 0
-        recip = jnp.where(nonzero, 1.0 / jnp.where(nonzero, scale, 1.0), 0.0)
-        scaled = jax.tree.map(
-            lambda x: x.astype(compute_dtype(x.dtype)) * recip.astype(
-                compute_dtype(x.dtype)) if is_float(x) else x, tree)
-        scaled_norm = jnp.sqrt(sum_of_squares(scaled, mask_tree))
-        inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, scaled_norm, 1.0), 0.0)
-        return scale * scaled_norm, recip, inv
-
-    # Huge entries (|x| > 1e19) overflow the squares to inf: rescale too.
-    well_scaled = (sumsq >= _SMALL_SUM_OF_SQUARES) & jnp.isfinite(sumsq)
-    return jax.lax.cond(well_scaled, fast, rescaled, None)
+    plain = sum_of_squares(tree, mask_tree)
+    dtype = plain.dtype
+    # The barrier hides the constants from XLA's simplifier, which would
+    # otherwise fold (x·2⁵⁰)² into x²·2¹⁰⁰ and undo the rescaling.
+    up_factor, down_factor = jax.lax.optimization_barrier(
+        (jnp.asarray(_UP, dtype), jnp.asarray(_DOWN, dtype)))
+    up = sum_of_squares(scale_tree(tree, up_factor), mask_tree)
+    down = sum_of_squares(scale_tree(tree, down_factor), mask_tree)
+    use_plain = (plain >= _SMALL_SUM_OF_SQUARES) & jnp.isfinite(plain)
+    use_down = ~jnp.isfinite(plain)
+    pre = jnp.where(use_plain, 1.0, jnp.where(use_down, _DOWN, _UP)).astype(dtype)
+    scaled_sumsq = jnp.where(use_plain, plain, jnp.where(use_down, down, up))
+    scaled_norm = jnp.sqrt(scaled_sumsq)
+    nonzero = scaled_norm > 0
+    post = jnp.where(nonzero, 1.0 / jnp.where(nonzero, scaled_norm, 1.0), 0.0)
+    return scaled_norm / pre, pre, post.astype(dtype)
 
 
 def global_norm(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
@@ -177,13 +180,11 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 
 def cosine_similarity(a: PyTree, b: PyTree) -> jax.Array:
     """cos∠(a, b) over the whole tree; 0 when either side is zero."""
-    norm_a, norm_b = global_norm(a), global_norm(b)
-    denom = norm_a * norm_b
-    safe = denom > 0
-    # Normalise first so the dot product cannot overflow or underflow.
-    unit_a, _ = safe_normalize(a)
-    unit_b, _ = safe_normalize(b)
-    return jnp.where(safe, jnp.clip(tree_vdot(unit_a, unit_b), -1.0, 1.0), 0.0)
+    _, pre_a, post_a = _norm_factors(a, None)
+    _, pre_b, post_b = _norm_factors(b, None)
+    # Rescale before the dot product so it cannot under- or overflow.
+    dot = tree_vdot(scale_tree(a, pre_a), scale_tree(b, pre_b))
+    return jnp.clip(dot * post_a * post_b, -1.0, 1.0)
 
 
 def scale_tree(tree: PyTree, factor: jax.Array) -> PyTree:

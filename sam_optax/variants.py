@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import optax
 
 from sam_optax import ascent as ascent_lib
 from sam_optax import descent as descent_lib
-from sam_optax import numerics
+from sam_optax import momentum_sam as momentum_sam_lib
+from sam_optax import numerics, validation
 from sam_optax import schedule as schedule_lib
-from sam_optax.core import AxisName, ScalarOrSchedule, sharpness_aware
+from sam_optax.core import (
+    Ascent,
+    AxisName,
+    Descent,
+    ScalarOrSchedule,
+    Schedule,
+    sharpness_aware,
+)
 
 
 def sam(
@@ -22,6 +31,7 @@ def sam(
     sync_perturbation: bool = False,
     perturbation_axis_name: AxisName = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    norm: str = "l2",
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-Aware Minimization (SAM) around any Optax optimizer.
 
@@ -57,6 +67,8 @@ def sam(
       perturbation_axis_name: average ``g`` over these axes before the ascent
         (grouped ε: e.g. the inner axis of a 2-D mesh).
       perturbation_axis_index_groups: ``axis_index_groups`` for that average.
+      norm: the norm of the neighbourhood: ``"l2"`` (p = 2, above) or
+        ``"linf"`` (p = ∞, Foret et al. App. C.5: ``ε = ρ·sign(g)``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`;
@@ -85,6 +97,28 @@ def sam(
       Efficiently Improving Generalization. ICLR 2021.
       https://arxiv.org/abs/2010.01412
     """
+    return _sam_like(
+        base_tx, rho, ascent_lib.normalized_ascent(mask=mask, norm=norm),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def _sam_like(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule,
+    ascent: Ascent,
+    *,
+    descent: Optional[Descent] = None,
+    schedule: Optional[Schedule] = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The pass-through every named constructor shares: ``sync_perturbation``
+    resolved into ``perturbation_axis_name``, SAM's descent and every-step
+    schedule unless given."""
     if sync_perturbation:
         if perturbation_axis_name is not None:
             raise ValueError(
@@ -95,13 +129,792 @@ def sam(
         perturbation_axis_name = axis_name
     return sharpness_aware(
         base_tx, rho,
-        ascent=ascent_lib.normalized_ascent(mask=mask),
-        descent=descent_lib.sam_gradient(),
-        schedule=schedule_lib.every_step(),
+        ascent=ascent,
+        descent=descent_lib.sam_gradient() if descent is None else descent,
+        schedule=schedule_lib.every_step() if schedule is None else schedule,
         axis_name=axis_name,
         perturbation_axis_name=perturbation_axis_name,
         perturbation_axis_index_groups=perturbation_axis_index_groups,
     )
 
 
-__all__ = ["sam"]
+# ------------------------------------------------- the ascent family (ε)
+# Each constructor below is SAM with another ascent from `sam_optax.ascent`;
+# `mask`, `axis_name`, `sync_perturbation`, `perturbation_axis_name` and
+# `perturbation_axis_index_groups` mean what they mean for `sam`.
+
+
+def asam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.5,
+    eta: float = 0.01,
+    *,
+    adaptive: numerics.Mask = None,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adaptive SAM (ASAM): a neighbourhood scaled by the weights.
+
+    .. math::
+
+      T_w = |w| + η, \\qquad
+      ε = ρ \\frac{T_w^2 ⊙ g}{\\lVert T_w ⊙ g \\rVert_2}, \\qquad
+      w \\leftarrow w + \\mathrm{base\\_tx}(∇L(w + ε))
+
+    The radius is invariant to rescaling the weights, so ρ is larger than for
+    SAM (the paper uses 0.5 to 2 on CIFAR). Cost: 2 gradient evaluations.
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      eta: η ≥ 0 in ``T_w = |w| + η``.
+      adaptive: leaves that get ``T_w = |w| + η`` (bool tree or callable on
+        params); the others get ``T = 1``. Default: every leaf (the paper's
+        formula); the official code scales weight tensors only, which
+        ``adaptive=sam_optax.masks.exclude_bias_and_norm`` reproduces.
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.asam(optax.sgd(0.1), rho=0.5, eta=0.01)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss_fn)(params)
+      >>> updates, state = tx.update(grads, state, params,
+      ...                            grad_fn=jax.grad(loss_fn))
+      >>> # At w = 0, T = η: the neighbourhood shrinks to radius ρ·η.
+      >>> round(float(sam_optax.diagnostics(state).perturbation_norm), 6)
+      0.005
+
+    References:
+      Kwon, Kim, Park, Choi. ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks. ICML 2021.
+      https://arxiv.org/abs/2102.11600
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.adaptive_ascent(eta, adaptive=adaptive,
+                                                 mask=mask),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def fisher_sam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.1,
+    eta: float = 1.0,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Fisher-SAM: the neighbourhood is an ellipsoid of the Fisher metric.
+
+    The Fisher information is approximated by its diagonal ``f = 1 + η g²``
+    from the mini-batch gradient (no extra pass); ε maximises ``gᵀε`` over
+    ``εᵀ diag(f) ε ≤ ρ²``:
+
+    .. math::
+
+      f = 1 + η \\, g ⊙ g, \\qquad
+      ε = ρ \\frac{f^{-1} ⊙ g}{\\sqrt{g^⊤ f^{-1} g}}
+
+    ``eta=0`` is SAM. Cost: 2 gradient evaluations, no extra state.
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      eta: η ≥ 0, the weight of the squared-gradient Fisher estimate.
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.fisher_sam(optax.sgd(0.1), rho=0.1, eta=1.0)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p,
+      ...                                       grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Kim, Li, Hu, Hospedales. Fisher SAM: Information Geometry and
+      Sharpness Aware Minimisation. ICML 2022. https://arxiv.org/abs/2206.04920
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.fisher_ascent(eta, mask=mask),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def friendly_sam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Friendly-SAM (F-SAM): ascend without the full-gradient component.
+
+    The full gradient is estimated by an EMA ``m`` of past mini-batch
+    gradients and removed from the ascent direction:
+
+    .. math::
+
+      v_t = g_t - σ m_{t-1}, \\qquad m_t = λ m_{t-1} + (1 - λ) g_t, \\qquad
+      ε_t = ρ \\frac{v_t}{\\lVert v_t \\rVert_2}
+
+    with ``m_1 = v_1 = g_1`` at the first step (official code). Cost: 2
+    gradient evaluations; state: one param-sized EMA (float32 or wider).
+    Under ``axis_name`` the EMA is of the gradient that defines ε (local,
+    or averaged with ``sync_perturbation``).
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      sigma: σ ≥ 0, the weight of the subtracted EMA (0: SAM).
+      lmbda: λ ∈ [0, 1), the EMA decay.
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.friendly_sam(optax.sgd(0.1), rho=0.05, sigma=1.0,
+      ...                             lmbda=0.9)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p,
+      ...                                       grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 1) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Li, Zhou, He, Cheng, Huang. Friendly Sharpness-Aware Minimization.
+      CVPR 2024. https://arxiv.org/abs/2403.12350
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.friendly_ascent(sigma, lmbda, mask=mask),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def vasso(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    theta: float = 0.4,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Variance-suppressed SAM (VaSSO): ascend along an EMA of gradients.
+
+    .. math::
+
+      d_t = (1 - θ) d_{t-1} + θ g_t, \\qquad
+      ε_t = ρ \\frac{d_t}{\\lVert d_t \\rVert_2}
+
+    with ``d_1 = g_1``. ``theta=1`` is SAM. Cost: 2 gradient evaluations;
+    state: one param-sized EMA (float32 or wider).
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      theta: θ ∈ (0, 1], the weight of the newest gradient.
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.vasso(optax.sgd(0.1), rho=0.05, theta=0.4)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p,
+      ...                                       grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Li, Giannakis. Enhancing Sharpness-Aware Optimization Through Variance
+      Suppression. NeurIPS 2023. https://arxiv.org/abs/2309.15639
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.variance_suppressed_ascent(theta, mask=mask),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def random_sam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    *,
+    seed: ascent_lib.Seed = 0,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM's random-direction ablation: ε of radius ρ, direction random.
+
+    .. math::
+
+      z \\sim \\mathcal{N}(0, I), \\qquad ε = ρ \\frac{z}{\\lVert z \\rVert_2}
+
+    The key lives in the state and is split at every step, so a seed gives
+    a reproducible run and no retracing. Under ``axis_name`` every replica
+    draws the same z. Cost: 2 gradient evaluations; state: one key.
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      seed: an int or a JAX PRNG key.
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> tx = sam_optax.random_sam(optax.sgd(0.1), rho=0.05, seed=0)
+      >>> params = jnp.zeros(3)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss_fn)(params)
+      >>> updates, state = tx.update(grads, state, params,
+      ...                            grad_fn=jax.grad(loss_fn))
+      >>> round(float(sam_optax.diagnostics(state).perturbation_norm), 4)
+      0.05
+
+    References:
+      Foret et al. 2021, App. C.5. https://arxiv.org/abs/2010.01412
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.random_ascent(seed, mask=mask),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def multistep_sam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    steps: int = 2,
+    *,
+    step_size: Optional[float] = None,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM with several projected ascent steps (Foret et al., App. C.6).
+
+    .. math::
+
+      ε_1 = ρ \\frac{g}{\\lVert g \\rVert}, \\qquad
+      ε_k = Π_{\\lVert ε \\rVert \\le ρ}\\Big(ε_{k-1}
+        + αρ \\frac{∇L(w + ε_{k-1})}{\\lVert ∇L(w + ε_{k-1}) \\rVert}\\Big)
+
+    for ``k = 2..n``, then ``base_tx`` receives ``∇L(w + ε_n)``. ``steps=1``
+    is SAM. Cost: ``n + 1`` gradient evaluations (``grad_fn`` is called
+    ``n`` times), no extra state.
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      steps: n ≥ 1 ascent steps.
+      step_size: α ∈ (0, 1], length of steps 2..n as a fraction of ρ
+        (default 1/n).
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.multistep_sam(optax.sgd(0.1), rho=0.05, steps=3)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p,
+      ...                                       grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Foret et al. 2021, https://arxiv.org/abs/2010.01412
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.multistep_ascent(steps, step_size=step_size,
+                                                  mask=mask),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def esam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    beta: float = 0.6,
+    *,
+    seed: ascent_lib.Seed = 0,
+    granularity: str = "coordinate",
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """ESAM's stochastic weight perturbation (SWP) on SAM's ε.
+
+    .. math::
+
+      m_i \\sim \\mathrm{Bernoulli}(β), \\qquad
+      ε = \\frac{ρ}{β} \\, m ⊙ \\frac{g}{\\lVert g \\rVert_2}
+
+    Only the weight-perturbation half of ESAM: its sharpness-sensitive data
+    selection needs per-example losses at ``w`` and ``w + ε``, which the
+    ``grad_fn(params) -> grads`` contract does not carry. ``beta=1`` is SAM.
+    In JAX all second gradients are still computed (cost: 2 gradient
+    evaluations); state: one key.
+
+    Args:
+      base_tx: the optimizer that receives the perturbed gradient.
+      rho: the radius ρ ≥ 0 (float or schedule).
+      beta: β ∈ (0, 1], the probability of perturbing a coordinate.
+      seed: an int or a JAX PRNG key.
+      granularity: ``"coordinate"`` (the paper) or ``"leaf"`` (one draw per
+        parameter tensor, the official code).
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups: as in :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.esam(optax.sgd(0.1), rho=0.05, beta=0.6, seed=0)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p,
+      ...                                       grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 1) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Du, Yan, Feng, Zhou, Zhen, Goh, Tan. Efficient Sharpness-aware
+      Minimization for Improved Training of Neural Networks. ICLR 2022.
+      https://arxiv.org/abs/2110.03141
+    """
+    ascent = ascent_lib.stochastic_weight_perturbation(
+        ascent_lib.normalized_ascent(mask=mask), beta, seed=seed,
+        granularity=granularity)
+    return _sam_like(
+        base_tx, rho, ascent,
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+# ------------------------------------ the descent and schedule families
+# SAM's ascent with another descent (what `base_tx` receives) or schedule
+# (when the second gradient is paid for); `mask`, `axis_name`,
+# `sync_perturbation`, `perturbation_axis_name` and
+# `perturbation_axis_index_groups` mean what they mean for `sam`.
+
+
+def gsam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    alpha: float = 0.1,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """GSAM: SAM plus a descent on the surrogate gap (Zhuang et al. 2022).
+
+    .. math::
+
+      ε = ρ_t \\frac{g}{\\lVert g \\rVert}, \\quad g_{sam} = ∇L(w + ε), \\quad
+      g_⊥ = g - \\langle g, \\hat g_{sam} \\rangle \\hat g_{sam}, \\quad
+      w \\leftarrow w + \\mathrm{base\\_tx}(g_{sam} - α g_⊥)
+
+    ``alpha = 0`` is SAM. The paper lets ρ decay with the learning rate: pass
+    ``rho=sam_optax.gsam_rho_schedule(lr_schedule, lr_max=..., lr_min=...,
+    rho_max=..., rho_min=...)``; any Optax schedule is accepted.
+
+    Args:
+      base_tx: the optimizer that receives the GSAM gradient.
+      rho: radius ρ ≥ 0, or a schedule of the step count.
+      alpha: weight α ∈ [0, 1] of the surrogate-gap term.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> lr = optax.cosine_decay_schedule(0.1, 100)
+      >>> rho = sam_optax.gsam_rho_schedule(lr, lr_max=0.1, lr_min=0.0,
+      ...                                   rho_max=0.05, rho_min=0.01)
+      >>> tx = sam_optax.gsam(optax.sgd(lr), rho=rho, alpha=0.1)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu.
+      Surrogate Gap Guided Sharpness-Aware Minimization. ICLR 2022.
+      https://arxiv.org/abs/2203.08065
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
+        descent=descent_lib.gsam_gradient(alpha),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def wsam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    gamma: float = 0.9,
+    *,
+    decoupled: bool = False,
+    learning_rate: Optional[ScalarOrSchedule] = None,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """WSAM: sharpness as a regularizer of weight γ/(1−γ) (Yue et al. 2023).
+
+    WSAM minimises :math:`L(w) + \\frac{γ}{1-γ}\\,(L(w+ε) - L(w))`. Coupled
+    form (default), the weighted gradient goes through ``base_tx``:
+
+    .. math::
+
+      w \\leftarrow w + \\mathrm{base\\_tx}\\Big(\\frac{1-2γ}{1-γ} g
+      + \\frac{γ}{1-γ} g_{sam}\\Big)
+
+    Decoupled form (``decoupled=True``, the paper's Algorithm 1), ``base_tx``
+    sees only ``g`` and the sharpness term is a separate SGD step:
+
+    .. math::
+
+      w \\leftarrow w + \\mathrm{base\\_tx}(g)
+      - η_t \\frac{γ}{1-γ} (g_{sam} - g)
+
+    The decoupled form needs from ``base_tx`` its learning rate η_t: pass the
+    same float or schedule as ``learning_rate`` (evaluated at the SAM step
+    count). ``gamma = 0`` is the base optimizer on ``g`` (the second gradient
+    is still computed); ``gamma = 0.5`` in the coupled form is SAM.
+
+    Args:
+      base_tx: the optimizer.
+      rho: radius ρ ≥ 0, or a schedule of the step count.
+      gamma: sharpness weight γ ∈ [0, 1).
+      decoupled: use the decoupled form (needs ``learning_rate``).
+      learning_rate: ``base_tx``'s learning rate, float or schedule; only
+        for ``decoupled=True``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.wsam(optax.sgd(0.1), rho=0.05, gamma=0.8,
+      ...                     decoupled=True, learning_rate=0.1)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Yue, Jiang, Ye, Gao, Liu, Zhang. Sharpness-Aware Minimization
+      Revisited: Weighted Sharpness as a Regularization Term. KDD 2023.
+      https://arxiv.org/abs/2305.15817
+    """
+    if decoupled and learning_rate is None:
+        raise ValueError(
+            "`wsam(..., decoupled=True)` applies the sharpness term as its own "
+            "SGD step after `base_tx`: pass `learning_rate=` (the float or "
+            "schedule that `base_tx` uses).")
+    if not decoupled and learning_rate is not None:
+        raise ValueError(
+            "`learning_rate` is only used by `decoupled=True`; drop it (the "
+            "coupled form takes the learning rate from `base_tx`).")
+    descent = (descent_lib.wsam_decoupled_gradient(gamma) if decoupled
+               else descent_lib.wsam_gradient(gamma))
+    tx = _sam_like(
+        base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
+        descent=descent,
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+    if decoupled:
+        tx = descent_lib.add_decoupled_sharpness(tx, learning_rate)
+    return tx
+
+
+def looksam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    k: int = 5,
+    alpha: float = 0.7,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """LookSAM: a SAM step every k steps, its direction reused in between.
+
+    At steps 0, k, 2k, ... a SAM step that stores
+    :math:`g_v = g_{sam} - \\langle g_{sam}, \\hat g \\rangle \\hat g`; at the
+    other steps, **without calling** ``grad_fn`` (``lax.cond``):
+
+    .. math::
+
+      w \\leftarrow w + \\mathrm{base\\_tx}\\Big(g + α
+      \\frac{\\lVert g \\rVert}{\\lVert g_v \\rVert} g_v\\Big)
+
+    so a step costs (k + 1)/k gradients on average. Norms are global over
+    all leaves (the paper's PyTorch code uses per-tensor ones). ``k = 1`` is
+    SAM. ``diagnostics(state).perturbed`` tells which steps paid.
+
+    Args:
+      base_tx: the optimizer.
+      rho: radius ρ ≥ 0, or a schedule of the step count.
+      k: refresh period ≥ 1.
+      alpha: weight α ≥ 0 of the reused direction.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.looksam(optax.sgd(0.1), rho=0.05, k=5, alpha=0.7)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> paid = 0
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      ...   paid += int(sam_optax.diagnostics(state).perturbed)
+      >>> [round(float(x), 2) for x in params], paid
+      ([1.0, -2.0], 20)
+
+    References:
+      Liu, Mai, Chen, Hsieh, You. Towards Efficient and Scalable
+      Sharpness-Aware Minimization. CVPR 2022.
+      https://arxiv.org/abs/2203.02714
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
+        descent=descent_lib.looksam_gradient(alpha),
+        schedule=schedule_lib.every_k_steps(k),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def every_k_sam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    k: int = 5,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM at steps 0, k, 2k, ...; the plain base step on ``g`` otherwise.
+
+    The skipped steps do not call ``grad_fn`` (``lax.cond``): (k + 1)/k
+    gradients per step on average. ``k = 1`` is SAM.
+
+    Args:
+      base_tx: the optimizer.
+      rho: radius ρ ≥ 0, or a schedule of the step count.
+      k: period ≥ 1.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.every_k_sam(optax.sgd(0.1), rho=0.05, k=2)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      The periodic schedule LookSAM builds on: Liu et al. 2022,
+      https://arxiv.org/abs/2203.02714
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
+        schedule=schedule_lib.every_k_steps(k),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def ae_sam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    c: ScalarOrSchedule = 0.0,
+    delta: float = 0.9,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AE-SAM: SAM only when ‖g‖² is high for its recent history.
+
+    With moving statistics μ_t, σ²_t (forgetting rate δ) of ‖g_t‖², the step
+    is a SAM step iff :math:`\\lVert g_t \\rVert^2 ≥ μ_t + c_t σ_t`, else the
+    plain base step on ``g`` without calling ``grad_fn`` (``lax.cond``); see
+    :func:`sam_optax.schedule.adaptive_policy`. The paper moves :math:`c_t`
+    linearly from λ₁ = −1 to λ₂ = 1 over training
+    (``c=optax.linear_schedule(-1.0, 1.0, total_steps)``): SAM on most early
+    steps, on few late ones. ``diagnostics(state).perturbed`` tells which
+    steps paid.
+
+    Args:
+      base_tx: the optimizer.
+      rho: radius ρ ≥ 0, or a schedule of the step count.
+      c: threshold in standard deviations, a float or a schedule.
+      delta: forgetting rate δ ∈ [0, 1) of the statistics.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
+      >>> tx = sam_optax.ae_sam(optax.sgd(0.1), rho=0.05,
+      ...                       c=optax.linear_schedule(-1.0, 1.0, 100))
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 2) for x in params]
+      [1.0, -2.0]
+
+    References:
+      Jiang, Yang, Zhang, Kwok. An Adaptive Policy to Employ Sharpness-Aware
+      Minimization. ICLR 2023. https://arxiv.org/abs/2304.14647
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
+        schedule=schedule_lib.adaptive_policy(c, delta),
+        axis_name=axis_name, sync_perturbation=sync_perturbation,
+        perturbation_axis_name=perturbation_axis_name,
+        perturbation_axis_index_groups=perturbation_axis_index_groups)
+
+
+def msam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.3,
+    *,
+    mask: numerics.Mask = None,
+    axis_name: AxisName = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: AxisName = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """MSAM: perturb along the momentum, one gradient per step (Becker 2024).
+
+    See :func:`sam_optax.momentum_sam.momentum_sam` for the rule and what
+    ``base_tx`` must be (a momentum optimizer, e.g. SGD with momentum). The
+    parameters the caller holds are the *perturbed* ones; evaluate and export
+    :func:`sam_optax.msam_clean_params`. ``grad_fn`` is accepted and never
+    called. ε comes from the replica-identical update, so
+    ``sync_perturbation``, ``perturbation_axis_name`` and
+    ``perturbation_axis_index_groups`` are checked but change nothing.
+
+    Args:
+      base_tx: a momentum optimizer.
+      rho: radius ρ ≥ 0 (the paper uses ~0.3 with SGD), or a schedule.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> tx = sam_optax.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+      >>> params = optax.apply_updates(params, updates)  # w₁ + ε₁
+      >>> [round(float(x), 3) for x in params]
+      [0.412, 0.412]
+      >>> [round(float(x), 3) for x in sam_optax.msam_clean_params(params, state)]
+      [0.2, 0.2]
+
+    References:
+      Becker, Altrock, Risse. Momentum-SAM: Sharpness Aware Minimization
+      without Computational Overhead. 2024. https://arxiv.org/abs/2401.12033
+    """
+    validation.check_axis_name(perturbation_axis_name, "perturbation_axis_name")
+    if sync_perturbation and axis_name is None:
+        raise ValueError("`sync_perturbation=True` needs `axis_name`.")
+    if perturbation_axis_index_groups is not None and perturbation_axis_name is None:
+        raise ValueError(
+            "`perturbation_axis_index_groups` needs `perturbation_axis_name`.")
+    return momentum_sam_lib.momentum_sam(base_tx, rho, mask=mask,
+                                         axis_name=axis_name)
+
+
+__all__ = ["ae_sam", "asam", "esam", "every_k_sam", "fisher_sam", "friendly_sam",
+           "gsam", "looksam", "msam", "multistep_sam", "random_sam", "sam",
+           "vasso", "wsam"]

@@ -1,0 +1,323 @@
+"""The core `sam()` against a float64 NumPy reference, degenerate inputs,
+tracing, state layout and diagnostics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from numpy_reference import PROBLEMS, SGD, Adam, norm, run_sam, tmap
+
+import sam_optax
+
+BASES = {
+    "sgd": (lambda: optax.sgd(0.1), lambda: SGD(0.1)),
+    "momentum": (lambda: optax.sgd(0.05, momentum=0.9), lambda: SGD(0.05, 0.9)),
+    "adam": (lambda: optax.adam(0.01), lambda: Adam(0.01)),
+}
+
+
+def to_jax(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def make_step(tx, loss_fn):
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params,
+                                   grad_fn=jax.grad(loss_fn))
+        return optax.apply_updates(params, updates), state
+    return step
+
+
+@pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
+@pytest.mark.parametrize("base_name", sorted(BASES))
+def test_sam_matches_float64_reference(problem_name, base_name):
+    problem = PROBLEMS[problem_name]()
+    make_tx, make_ref = BASES[base_name]
+    rho, steps = 0.1, 6
+    expected = run_sam(problem, make_ref(), rho, steps)
+
+    tx = sam_optax.sam(make_tx(), rho=rho)
+    params = to_jax(problem.init)
+    state = tx.init(params)
+    step = make_step(tx, problem.jax_loss)
+    for t in range(steps):
+        params, state = step(params, state)
+        got = jax.tree.map(np.asarray, params)
+        scale = max(norm(expected[t]), 1.0)
+        err = norm(tmap(np.subtract, got, expected[t]))
+        assert err <= 2e-5 * scale, (t, err)
+
+
+def test_reference_differs_from_base_optimizer():
+    """Guard: the reference problems are ones where SAM ≠ plain SGD."""
+    problem = PROBLEMS["mlp"]()
+    sam_hist = run_sam(problem, SGD(0.1), 0.1, 3)
+    sgd_hist = run_sam(problem, SGD(0.1), 0.0, 3)
+    assert norm(tmap(np.subtract, sam_hist[-1], sgd_hist[-1])) > 1e-3
+
+
+def identity_probe():
+    """grad_fn(p) = p at params 0: with sgd(1) the update is exactly −ε."""
+    return lambda p: p
+
+
+def perturbation_of(tx, grads, params):
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, grad_fn=identity_probe())
+    return jax.tree.map(lambda u: -u, updates), state
+
+
+def test_perturbation_is_rho_times_unit_gradient():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    grads = {"a": jnp.array([1.0, -2.0, 2.0]), "b": jnp.array([[0.0, 4.0],
+                                                               [-2.0, 0.0]])}
+    eps, state = perturbation_of(sam_optax.sam(optax.sgd(1.0), rho=0.3),
+                                 grads, params)
+    total = np.sqrt(1 + 4 + 4 + 16 + 4)
+    np.testing.assert_allclose(eps["a"], 0.3 * np.array([1, -2, 2]) / total,
+                               rtol=1e-6)
+    np.testing.assert_allclose(eps["b"], 0.3 * np.array([[0, 4], [-2, 0]]) / total,
+                               rtol=1e-6)
+    diag = sam_optax.diagnostics(state)
+    np.testing.assert_allclose(diag.perturbation_norm, 0.3, rtol=1e-6)
+    np.testing.assert_allclose(diag.grad_norm, total, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-20, 1e-12, 1e20, 1e30])
+def test_zero_tiny_and_huge_gradients(scale):
+    params = {"a": jnp.zeros(4), "b": jnp.zeros(2)}
+    direction = {"a": jnp.array([3.0, 0.0, -4.0, 0.0]), "b": jnp.array([0.0, 12.0])}
+    grads = jax.tree.map(lambda d: d * jnp.float32(scale), direction)
+    tx = sam_optax.sam(optax.sgd(1.0), rho=0.5)
+    eps, state = jax.jit(lambda g, p: perturbation_of(tx, g, p))(grads, params)
+    for leaf in jax.tree.leaves((eps, state)):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+    if scale == 0.0:
+        for leaf in jax.tree.leaves(eps):
+            np.testing.assert_array_equal(leaf, 0.0)
+    else:
+        unit = jax.tree.map(lambda d: np.asarray(d) / 13.0, direction)
+        for e, u in zip(jax.tree.leaves(eps), jax.tree.leaves(unit)):
+            np.testing.assert_allclose(e, 0.5 * u, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_gradient_full_step_is_finite_and_equals_base():
+    loss_fn = lambda p: jnp.sum(p["w"] * 0.0)
+    params = {"w": jnp.ones(3)}
+    tx = sam_optax.sam(optax.adam(0.1), rho=0.05)
+    state = tx.init(params)
+    step = make_step(tx, loss_fn)
+    for _ in range(3):
+        params, state = step(params, state)
+    np.testing.assert_array_equal(params["w"], np.ones(3))
+    assert all(np.all(np.isfinite(np.asarray(x, np.float64)))
+               for x in jax.tree.leaves(state))
+
+
+def test_bf16_and_mixed_precision_params_keep_dtypes():
+    params = {"w": jnp.full((4,), 0.5, jnp.bfloat16), "b": jnp.zeros(2, jnp.float32)}
+    loss_fn = lambda p: (jnp.sum(p["w"].astype(jnp.float32) ** 2)
+                         + jnp.sum((p["b"] - 1.0) ** 2))
+    tx = sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+    state = tx.init(params)
+    dtypes0 = [x.dtype for x in jax.tree.leaves(state)]
+    step = make_step(tx, loss_fn)
+    for _ in range(5):
+        params, state = step(params, state)
+    assert params["w"].dtype == jnp.bfloat16 and params["b"].dtype == jnp.float32
+    assert [x.dtype for x in jax.tree.leaves(state)] == dtypes0
+    assert all(np.all(np.isfinite(np.asarray(x, np.float32)))
+               for x in jax.tree.leaves(params))
+    # The float32 leaf follows the reference exactly despite the bf16 one.
+    assert float(jnp.abs(params["b"] - 1.0).max()) < 1.0
+
+
+def test_tiny_bf16_gradient_direction():
+    params = {"w": jnp.zeros(2, jnp.bfloat16)}
+    grads = {"w": jnp.array([3e-30, -4e-30], jnp.bfloat16)}
+    tx = sam_optax.sam(optax.sgd(1.0), rho=1.0)
+    eps, _ = perturbation_of(tx, grads, params)
+    np.testing.assert_allclose(np.asarray(eps["w"], np.float32), [0.6, -0.8],
+                               rtol=1e-2)
+
+
+def test_no_retracing_over_many_steps():
+    problem = PROBLEMS["mlp"]()
+    traces = []
+
+    def loss_fn(p):
+        return problem.jax_loss(p)
+
+    tx = sam_optax.sam(optax.adam(1e-2), rho=optax.linear_schedule(0.0, 0.1, 10))
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        grads = jax.grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params, grad_fn=jax.grad(loss_fn))
+        return optax.apply_updates(params, updates), state
+
+    params = to_jax(problem.init)
+    state = tx.init(params)
+    for _ in range(25):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("base_name", sorted(BASES))
+def test_rho_zero_is_base_optimizer_bit_for_bit(base_name, jit):
+    """ρ = 0 gives ε = 0 exactly, so ``grad_fn(w + 0)`` is ``grad_fn(w)``.
+
+    Op by op the result is bit-identical. Under ``jit`` XLA may fuse Adam's
+    elementwise update differently inside the larger SAM graph, which can move
+    a result by one float32 ulp; SGD and momentum stay bit-identical.
+    """
+    problem = PROBLEMS["mlp"]()
+    base = BASES[base_name][0]()
+    tx = sam_optax.sam(base, rho=0.0)
+
+    def both(p_sam, s_sam, p_base, s_base):
+        g = jax.grad(problem.jax_loss)(p_sam)
+        u, s_sam = tx.update(g, s_sam, p_sam, grad_fn=jax.grad(problem.jax_loss))
+        gb = jax.grad(problem.jax_loss)(p_base)
+        ub, s_base = base.update(gb, s_base, p_base)
+        return (optax.apply_updates(p_sam, u), s_sam,
+                optax.apply_updates(p_base, ub), s_base)
+
+    if jit:
+        both = jax.jit(both)
+    p_sam = p_base = to_jax(problem.init)
+    s_sam, s_base = tx.init(p_sam), base.init(p_base)
+    for _ in range(5 if jit else 3):
+        p_sam, s_sam, p_base, s_base = both(p_sam, s_sam, p_base, s_base)
+    pairs = list(zip(jax.tree.leaves(p_sam), jax.tree.leaves(p_base)))
+    pairs += list(zip(jax.tree.leaves(s_sam.base_state), jax.tree.leaves(s_base)))
+    for a, b in pairs:
+        if jit and base_name == "adam":
+            np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_rho_schedule_follows_step_count():
+    schedule = optax.linear_schedule(0.1, 0.5, transition_steps=4)
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.array([1.0, 2.0, 2.0])}
+    tx = sam_optax.sam(optax.sgd(1.0), rho=schedule)
+    state = tx.init(params)
+    step = jax.jit(lambda s: tx.update(grads, s, params, grad_fn=identity_probe()))
+    for t in range(6):
+        updates, state = step(state)
+        np.testing.assert_allclose(float(state.rho), schedule(t), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(sam_optax.diagnostics(state).perturbation_norm), schedule(t),
+            rtol=1e-6)
+        np.testing.assert_allclose(updates["w"], -schedule(t) * grads["w"] / 3.0,
+                                   rtol=1e-6)
+
+
+def test_inject_hyperparams_changes_rho_at_run_time():
+    tx = optax.inject_hyperparams(sam_optax.sam)(base_tx=optax.sgd(1.0), rho=0.1)
+    params = {"w": jnp.zeros(2)}
+    grads = {"w": jnp.array([3.0, 4.0])}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(state):
+        return tx.update(grads, state, params, grad_fn=identity_probe())
+
+    updates, state = step(state)
+    np.testing.assert_allclose(updates["w"], [-0.06, -0.08], rtol=1e-6)
+    state.hyperparams["rho"] = jnp.asarray(0.5, state.hyperparams["rho"].dtype)
+    updates, state = step(state)
+    np.testing.assert_allclose(updates["w"], [-0.3, -0.4], rtol=1e-6)
+    assert step._cache_size() == 1
+
+
+def test_state_holds_no_param_sized_copy():
+    params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    base = optax.adam(1e-3)
+    base_leaves = jax.tree.leaves(base.init(params))
+    sam_state = sam_optax.sam(base, 0.05).init(params)
+    extra = [x for x in jax.tree.leaves(sam_state)]
+    assert len(extra) - len(base_leaves) == len(jax.tree.leaves(
+        (sam_state.count, sam_state.rho, sam_state.diagnostics)))
+    for x in jax.tree.leaves((sam_state.count, sam_state.rho,
+                              sam_state.diagnostics)):
+        assert x.ndim == 0
+    base_bytes = sum(x.nbytes for x in base_leaves)
+    sam_bytes = sum(x.nbytes for x in jax.tree.leaves(sam_state))
+    assert sam_bytes - base_bytes < 64
+
+
+def test_diagnostics_match_reference():
+    problem = PROBLEMS["logistic"]()
+    params = to_jax(problem.init)
+    rho = 0.2
+    tx = sam_optax.sam(optax.sgd(0.1), rho=rho)
+    state = tx.init(params)
+    loss, grads = jax.value_and_grad(problem.jax_loss)(params)
+    _, state = jax.jit(lambda g, s, p, v: tx.update(
+        g, s, p, grad_fn=jax.value_and_grad(problem.jax_loss), value=v))(
+            grads, state, params, loss)
+    diag = sam_optax.diagnostics(state)
+
+    p64 = tmap(lambda x: np.asarray(x, np.float64), problem.init)
+    g = problem.grad(p64)
+    eps = tmap(lambda x: rho * x / norm(g), g)
+    g_sam = problem.grad(tmap(np.add, p64, eps))
+    dot = sum(np.sum(a * b) for a, b in zip(
+        [g["w"], g["b"]], [g_sam["w"], g_sam["b"]]))
+    np.testing.assert_allclose(diag.grad_norm, norm(g), rtol=1e-5)
+    np.testing.assert_allclose(diag.perturbation_norm, rho, rtol=1e-5)
+    np.testing.assert_allclose(diag.cosine, dot / norm(g) / norm(g_sam), rtol=1e-5)
+    np.testing.assert_allclose(diag.loss, problem.loss(p64), rtol=1e-5)
+    perturbed = problem.loss(tmap(np.add, p64, eps))
+    np.testing.assert_allclose(diag.perturbed_loss, perturbed, rtol=1e-5)
+    np.testing.assert_allclose(diag.sharpness, perturbed - problem.loss(p64),
+                               rtol=1e-3, atol=1e-7)
+    assert bool(diag.perturbed)
+
+
+def test_value_and_grad_with_aux_is_accepted():
+    loss_fn = lambda p: (jnp.sum(p ** 2), {"aux": 1.0})
+    params = jnp.ones(3)
+    tx = sam_optax.sam(optax.sgd(0.1), 0.1)
+    state = tx.init(params)
+    grads = jax.grad(lambda p: loss_fn(p)[0])(params)
+    _, state = tx.update(grads, state, params,
+                         grad_fn=jax.value_and_grad(loss_fn, has_aux=True))
+    expected = np.sum((np.ones(3) * (1 + 0.1 / np.sqrt(3))) ** 2)
+    np.testing.assert_allclose(sam_optax.diagnostics(state).perturbed_loss,
+                               expected, rtol=1e-6)
+    # Without `value=` the sharpness is left at 0 rather than guessed.
+    assert float(sam_optax.diagnostics(state).sharpness) == 0.0
+
+
+def test_empty_leaves_and_empty_tree():
+    params = {"empty": jnp.zeros((0, 3)), "w": jnp.ones(2), "nothing": {}}
+    loss_fn = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["empty"])
+    tx = sam_optax.sam(optax.adam(0.1), 0.05)
+    state = tx.init(params)
+    params, state = make_step(tx, loss_fn)(params, state)
+    assert params["empty"].shape == (0, 3)
+    assert np.all(np.isfinite(params["w"]))
+
+    empty_tx = sam_optax.sam(optax.sgd(0.1), 0.05)
+    updates, _ = empty_tx.update({}, empty_tx.init({}), {}, grad_fn=lambda p: {})
+    assert updates == {}
+
+
+def test_float64_params_are_computed_in_float64():
+    with jax.enable_x64(True):
+        params = jnp.zeros(2, jnp.float64)
+        grads = jnp.array([3.0, 4.0], jnp.float64)
+        tx = sam_optax.sam(optax.sgd(1.0), rho=1.0 / 3.0)
+        eps, _ = perturbation_of(tx, grads, params)
+        assert eps.dtype == jnp.float64
+        np.testing.assert_allclose(eps, [0.2, 0.8 / 3.0], rtol=1e-15)

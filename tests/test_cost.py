@@ -1,0 +1,146 @@
+"""Noise-free cost of the SAM step: XLA FLOPs and optimizer-state bytes.
+
+Wall-clock speed is measured in ``benchmarks/bench_speed.py``, never asserted
+here; these figures come from the compiler and the state's shapes, so they are
+exact and the same on every run.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, _BENCHMARKS)
+import bench_speed  # noqa: E402
+import common  # noqa: E402
+
+import sam_optax  # noqa: E402
+
+RHO = 0.05
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """W1 at its benchmark size, its parameters and batch, and the base tx."""
+    workload = common.make_workload("mlp")
+    key = jax.random.PRNGKey(0)
+    params, model_state = workload.init(key)
+    batch = workload.batch(jax.random.fold_in(key, 1))
+    return workload, params, model_state, batch, optax.sgd(0.01, momentum=0.9)
+
+
+def _compile(step, tx, params, model_state, batch):
+    opt_state = tx.init(params)
+    compiled = common.compile_step(step, params, model_state, opt_state, batch,
+                                   donate=False)
+    return compiled, opt_state
+
+
+@pytest.fixture(scope="module")
+def costs(mlp):
+    workload, params, model_state, batch, base_tx = mlp
+    tx = sam_optax.sam(base_tx, RHO)
+    base, base_state = _compile(common.base_step(workload, base_tx), base_tx,
+                                params, model_state, batch)
+    hand, _ = _compile(common.handwritten_sam_step(workload, base_tx, RHO),
+                       base_tx, params, model_state, batch)
+    sam, sam_state = _compile(common.grad_fn_step(workload, tx), tx, params,
+                              model_state, batch)
+    return {"base": base, "hand": hand, "sam": sam,
+            "base_state": base_state, "sam_state": sam_state}
+
+
+def test_mlp_is_the_benchmark_size(mlp):
+    workload, params, _, batch, _ = mlp
+    shapes = sorted(x.shape for x in jax.tree.leaves(params))
+    assert shapes == sorted([(784, 512), (512,), (512, 512), (512,), (512, 10),
+                             (10,)])
+    assert batch[0].shape == (256, 784) and workload.batch_size == 256
+
+
+def test_sam_flops_at_most_twice_the_base_step(costs):
+    base, sam = costs["base"].flops, costs["sam"].flops
+    assert np.isfinite(base) and base > 0
+    # Two gradient evaluations and nothing of the same order besides.
+    assert sam / base <= 2.01, (sam, base)
+    # ... and the second gradient is really there (not skipped or CSE'd away).
+    assert sam / base >= 1.9, (sam, base)
+
+
+def test_sam_flops_close_to_the_hand_written_step(costs):
+    # The library's extra work (safe norms, diagnostics) is O(#params) FLOPs
+    # against O(batch x #params) for a gradient: a few percent at most.
+    ratio = costs["sam"].flops / costs["hand"].flops
+    assert 1.0 <= ratio <= 1.02, ratio
+
+
+def test_sam_state_is_base_state_plus_constant(costs, mlp):
+    _, params, _, _, _ = mlp
+    extra = (common.tree_bytes(costs["sam_state"])
+             - common.tree_bytes(costs["base_state"]))
+    assert 0 <= extra < 1024, extra
+    # O(1): the same extra bytes whatever the model size.
+    small = {"w": np.zeros((3, 2), np.float32)}
+    base_tx = optax.sgd(0.01, momentum=0.9)
+    small_extra = (common.tree_bytes(sam_optax.sam(base_tx, RHO).init(small))
+                   - common.tree_bytes(base_tx.init(small)))
+    assert small_extra == extra
+    assert common.tree_bytes(params) > 1_000_000
+
+
+def test_tree_bytes_counts_every_leaf():
+    tree = {"a": np.zeros((4, 3), np.float32), "b": (np.zeros(5, np.int8),),
+            "c": jax.numpy.zeros((2,), jax.numpy.bfloat16)}
+    assert common.tree_bytes(tree) == 48 + 5 + 4
+    assert common.tree_bytes(()) == 0
+
+
+def test_paired_ratio_cancels_drift():
+    # The machine gets 3x slower halfway; each round's ratio is still 2.
+    reference = [1.0] * 5 + [3.0] * 5
+    times = [2.0 * r for r in reference]
+    assert common.paired_ratio(times, reference) == (2.0, 2.0, 2.0)
+    # The ratio of medians would not see it.
+    assert np.median(times) / np.median(reference) != 2.0
+
+
+def test_check_targets_verdicts():
+    rows = [{"workload": "mlp", "config": "sam_optax.sam", "x_handwritten": 1.05,
+             "x_optax_contrib": 0.99, "flops_x_base": 2.001,
+             "state_bytes_minus_base": 36, "compile_x_base": 3.0}]
+    verdicts = {c["target"]: c["met"] for c in bench_speed.check_targets(rows)}
+    assert verdicts == {"time sam / hand-written": False,
+                        "time sam / optax.contrib.sam": True,
+                        "FLOPs sam / base": True,
+                        "state bytes sam - base": True,
+                        "compile sam / base": False}
+
+
+def test_benchmark_smoke(tmp_path):
+    """The whole pipeline on a tiny batch: table, JSON and plot are written."""
+    payload = bench_speed.main([
+        "--workloads", "mlp", "--batch-size", "8", "--steps", "3",
+        "--warmup", "1", "--no-variants", "--no-progress",
+        "--out", str(tmp_path), "--tag", "smoke"])
+    stem = tmp_path / f"speed_{common.device_slug()}_smoke"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["rows"] == payload["rows"]
+    names = [r["config"] for r in saved["rows"]]
+    assert names == list(bench_speed.REFERENCE_ROWS)
+    for row in saved["rows"]:
+        assert row["steps"] == 3 and row["median_ms"] > 0
+        assert np.isfinite(row["final_loss"])
+        assert row["flops"] > 0 and row["compile_s"] > 0
+    by = {r["config"]: r for r in saved["rows"]}
+    assert by["base"]["x_base"] == 1.0
+    assert by["handwritten"]["x_handwritten"] == 1.0
+    assert 1.9 <= by["handwritten"]["flops_x_base"] <= 2.01
+    table = stem.with_suffix(".md").read_text()
+    assert "| sam_optax.sam |" in table and saved["machine"]["device_kind"] in table
+    assert stem.with_suffix(".png").stat().st_size > 1000

@@ -1,0 +1,225 @@
+"""Flax Linen: TrainState forwarding and the train-step builder's policies."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state as flax_train_state
+
+import sam_optax
+from sam_optax import linen
+
+RHO, LR = 0.1, 0.05
+
+
+class Net(nn.Module):
+    """Dense -> BatchNorm -> relu -> Dropout -> Dense: stats and masks matter."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+        return nn.Dense(1)(x)
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 1)), jnp.float32)
+    return x, y
+
+
+def _state(tx):
+    x, _ = _data()
+    variables = Net().init(jax.random.key(0), x, train=False)
+    return linen.TrainState.create(apply_fn=Net().apply,
+                                   params=variables["params"],
+                                   batch_stats=variables["batch_stats"], tx=tx)
+
+
+def loss_fn(apply, batch):
+    x, y = batch
+    pred = apply(x, train=True)
+    return jnp.mean((pred - y) ** 2), {"mean_pred": jnp.mean(pred)}
+
+
+@jax.jit
+def _pass(params, stats, batch, dropout_rng):
+    """One training forward pass by hand: (loss, new stats), grads."""
+    def f(p):
+        pred, mutated = Net().apply({"params": p, "batch_stats": stats},
+                                    batch[0], train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": dropout_rng})
+        return jnp.mean((pred - batch[1]) ** 2), mutated["batch_stats"]
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+
+def _reference_run(state, batch, key, steps, *, key_policy, stats_policy):
+    """SAM + SGD by hand; ε and the update in float64 NumPy."""
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), state.params)
+    stats = state.batch_stats
+    for t in range(steps):
+        clean_key = jax.random.fold_in(jax.random.fold_in(key, t), 0)
+        pert_key = (clean_key if key_policy == "same"
+                    else jax.random.fold_in(clean_key, 1))
+        as32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+        (_, clean_stats), g = _pass(as32, stats, batch, clean_key)
+        g = jax.tree.map(lambda a: np.asarray(a, np.float64), g)
+        norm = np.sqrt(sum(np.sum(a ** 2) for a in jax.tree.leaves(g)))
+        perturbed = jax.tree.map(lambda w, gi: w + RHO * gi / norm, params, g)
+        as32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), perturbed)
+        (_, pert_stats), g_sam = _pass(as32, stats, batch, pert_key)
+        params = jax.tree.map(lambda w, gs: w - LR * np.asarray(gs, np.float64),
+                              params, g_sam)
+        stats = clean_stats if stats_policy == "clean" else pert_stats
+    return params, stats
+
+
+def _assert_close(actual, expected, rtol=2e-5, atol=2e-6):
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64),
+                                   np.asarray(b, np.float64), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("stats_policy,key_policy",
+                         [("clean", "same"), ("perturbed", "folded")])
+def test_builder_matches_hand_written_reference(key_policy, stats_policy):
+    state = _state(sam_optax.sam(optax.sgd(LR), rho=RHO))
+    batch, key = _data(), jax.random.key(42)
+    step = jax.jit(linen.train_step(loss_fn, batch_stats=stats_policy,
+                                    dropout_key=key_policy))
+    expected_params, expected_stats = _reference_run(
+        state, batch, key, 3, key_policy=key_policy, stats_policy=stats_policy)
+    for _ in range(3):
+        state, metrics = step(state, batch, key)
+    _assert_close(state.params, expected_params)
+    _assert_close(state.batch_stats, expected_stats)
+    assert set(metrics) == {"loss", "mean_pred"}
+    assert int(state.step) == 3
+    assert step._cache_size() == 1  # no retracing across steps
+
+
+def test_batch_stats_equal_clean_pass_alone():
+    state = _state(sam_optax.sam(optax.sgd(LR), rho=RHO))
+    batch, key = _data(), jax.random.key(7)
+    new_state, metrics = jax.jit(linen.train_step(loss_fn))(state, batch, key)
+    clean_key = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
+    (loss, clean_stats), _ = _pass(state.params, state.batch_stats, batch,
+                                   clean_key)
+    _assert_close(new_state.batch_stats, clean_stats, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    # The perturbed pass's statistics differ: the policy is observable.
+    perturbed_state, _ = jax.jit(linen.train_step(
+        loss_fn, batch_stats="perturbed"))(state, batch, key)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                        perturbed_state.batch_stats, new_state.batch_stats)
+    assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_dropout_key_policy_is_observable():
+    state = _state(sam_optax.sam(optax.sgd(LR), rho=RHO))
+    batch, key = _data(), jax.random.key(3)
+    same, _ = linen.train_step(loss_fn, dropout_key="same")(state, batch, key)
+    folded, _ = linen.train_step(loss_fn, dropout_key="folded")(state, batch, key)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                        same.params, folded.params)
+    assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_rho_zero_builder_is_plain_sgd():
+    batch, key = _data(), jax.random.key(5)
+    sam_state = _state(sam_optax.sam(optax.sgd(LR), rho=0.0))
+    sgd_state = _state(optax.sgd(LR))
+    step_sam = jax.jit(linen.train_step(loss_fn))
+    step_sgd = jax.jit(linen.train_step(loss_fn))
+    for _ in range(3):
+        sam_state, _ = step_sam(sam_state, batch, key)
+        sgd_state, _ = step_sgd(sgd_state, batch, key)
+    _assert_close(sam_state.params, sgd_state.params, rtol=1e-6, atol=1e-7)
+    _assert_close(sam_state.batch_stats, sgd_state.batch_stats, rtol=0, atol=0)
+
+
+def test_model_without_batch_stats():
+    model = nn.Dense(1)
+    x, y = _data()
+    state = linen.TrainState.create(
+        apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"],
+        tx=sam_optax.sam(optax.sgd(LR), rho=RHO))
+
+    def mse(apply, batch):
+        return jnp.mean((apply(batch[0]) - batch[1]) ** 2)
+
+    new_state, metrics = jax.jit(linen.train_step(mse))(state, (x, y),
+                                                         jax.random.key(0))
+    assert new_state.batch_stats is None and set(metrics) == {"loss"}
+    loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+    g = jax.grad(loss)(state.params)
+    norm = optax.tree.norm(g)
+    g_sam = jax.grad(loss)(jax.tree.map(lambda w, gi: w + RHO * gi / norm,
+                                        state.params, g))
+    _assert_close(new_state.params,
+                  jax.tree.map(lambda w, gs: w - LR * gs, state.params, g_sam))
+
+
+def test_apply_gradients_forwards_extra_args_and_replaces_fields():
+    seen = {}
+
+    def update(updates, state, params=None, **extra):
+        seen.update(extra)
+        return updates, state
+
+    tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
+                                               update)
+    state = _state(tx)
+    new_stats = jax.tree.map(jnp.zeros_like, state.batch_stats)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    marker = object()
+    new_state = state.apply_gradients(grads=grads, grad_fn=marker, value=1.5,
+                                      batch_stats=new_stats)
+    assert seen == {"grad_fn": marker, "value": 1.5}
+    assert new_state.batch_stats is new_stats and int(new_state.step) == 1
+
+
+def test_plain_optax_state_ignores_grad_fn():
+    state = _state(optax.adam(1e-2))
+    flax_state = flax_train_state.TrainState.create(
+        apply_fn=state.apply_fn, params=state.params, tx=optax.adam(1e-2))
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    ours = state.apply_gradients(grads=grads, grad_fn=lambda p: grads)
+    theirs = flax_state.apply_gradients(grads=grads)
+    _assert_close(ours.params, theirs.params, rtol=0, atol=0)
+
+
+def test_sam_without_grad_fn_gives_core_error():
+    state = _state(sam_optax.sam(optax.sgd(LR)))
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    with pytest.raises(TypeError, match="grad_fn"):
+        state.apply_gradients(grads=grads)
+
+
+def test_bad_policies_raise():
+    with pytest.raises(ValueError, match="batch_stats"):
+        linen.train_step(loss_fn, batch_stats="average")
+    with pytest.raises(ValueError, match="dropout_key"):
+        linen.train_step(loss_fn, dropout_key="new")
+
+
+def test_perturbed_stats_with_conditional_schedule_raises():
+    every_other = sam_optax.Schedule(
+        init=lambda params: (),
+        decide=lambda grads, state, *, count: (count % 2 == 0, state),
+        uses_grads=False)
+    ascent = sam_optax.ascent.normalized_ascent()
+    tx = sam_optax.sharpness_aware(optax.sgd(LR), RHO, ascent=ascent,
+                                   descent=sam_optax.descent.sam_gradient(),
+                                   schedule=every_other)
+    state = _state(tx)
+    step = jax.jit(linen.train_step(loss_fn, batch_stats="perturbed"))
+    with pytest.raises(ValueError, match="every step"):
+        step(state, _data(), jax.random.key(0))
+    # The default policy works with it.
+    jax.jit(linen.train_step(loss_fn))(state, _data(), jax.random.key(0))

@@ -1,0 +1,79 @@
+"""Safe norms, normalisation, cosine and masks against float64 NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sam_optax import numerics
+
+_normalize = jax.jit(numerics.safe_normalize)
+_cosine = jax.jit(numerics.cosine_similarity)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-33.0, 33.0))
+def test_normalize_matches_float64_at_any_scale(seed, log_scale):
+    rng = np.random.RandomState(seed)
+    tree = {"a": rng.randn(7), "b": rng.randn(3, 2), "c": rng.randn()}
+    tree = jax.tree.map(lambda x: np.asarray(x * 10.0 ** log_scale, np.float32), tree)
+    unit, norm = _normalize(tree)
+    flat = np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(tree)])
+    expected_norm = np.linalg.norm(flat)
+    np.testing.assert_allclose(float(norm), expected_norm, rtol=1e-5)
+    got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(unit)])
+    np.testing.assert_allclose(got, flat / expected_norm, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_tree_gives_zero_direction_and_norm():
+    unit, norm = _normalize({"a": jnp.zeros(3), "b": jnp.zeros((0,))})
+    assert float(norm) == 0.0
+    np.testing.assert_array_equal(unit["a"], 0.0)
+    assert unit["b"].shape == (0,)
+
+
+def test_mask_selects_leaves_for_norm_and_direction():
+    tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([100.0])}
+    unit, norm = numerics.safe_normalize(tree, {"a": True, "b": False})
+    np.testing.assert_allclose(float(norm), 5.0)
+    np.testing.assert_allclose(unit["a"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(unit["b"], 0.0)
+    # Nothing selected: zero, not NaN.
+    unit, norm = numerics.safe_normalize(tree, {"a": False, "b": False})
+    assert float(norm) == 0.0 and float(jnp.abs(unit["a"]).sum()) == 0.0
+
+
+def test_bad_mask_names_the_argument():
+    with pytest.raises(ValueError, match="mask"):
+        numerics.resolve_mask({"a": True}, {"a": 1.0, "b": 2.0})
+    mask = numerics.resolve_mask(lambda p: jax.tree.map(lambda x: x.ndim > 0, p),
+                                 {"a": jnp.ones(2), "b": jnp.ones(())})
+    assert mask == {"a": True, "b": False}
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_cosine_at_extreme_scales(scale):
+    a = {"x": jnp.array([1.0, 0.0, 1.0]) * scale}
+    b = {"x": jnp.array([1.0, 1.0, 0.0]) * scale}
+    np.testing.assert_allclose(float(_cosine(a, b)), 0.5, rtol=1e-5)
+    assert float(_cosine(a, {"x": jnp.zeros(3)})) == 0.0
+
+
+def test_bf16_sum_is_accumulated_in_float32():
+    tree = {"w": jnp.full((4096,), 1.0, jnp.bfloat16)}
+    # bf16 accumulation would stall at 256; float32 gets 4096 exactly.
+    assert numerics.sum_of_squares(tree).dtype == jnp.float32
+    assert float(numerics.sum_of_squares(tree)) == 4096.0
+    unit, _ = numerics.safe_normalize(tree)
+    assert unit["w"].dtype == jnp.float32
+
+
+def test_add_perturbation_keeps_dtypes_and_skips_integers():
+    params = {"w": jnp.ones(2, jnp.bfloat16), "step": jnp.array(3, jnp.int32)}
+    eps = {"w": jnp.full(2, 0.5, jnp.float32), "step": jnp.zeros((), jnp.float32)}
+    out = numerics.add_perturbation(params, eps)
+    assert out["w"].dtype == jnp.bfloat16 and out["step"].dtype == jnp.int32
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), 1.5)
+    assert int(out["step"]) == 3
