@@ -23,6 +23,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sam_optax tests benchmarks examples
 
+# Speed, memory and compile cost of every SAM row, interleaved in one run:
+# benchmarks/results/speed_<device>.{md,json,png}. < 15 min on 2 CPU cores.
+# On a GPU: make bench BENCH_ARGS="--steps 100 --variant-workloads all".
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_speed.py $(BENCH_ARGS)
+
 # Research-fidelity table and plot (label noise, SGD vs SAM): < 20 min on 2 cores.
 results: $(STAMP)
 	$(BIN)/python benchmarks/label_noise.py

@@ -10,3 +10,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Tests compare against float64 references: no TF32/bf16 matmul passes on GPU.
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -5,6 +5,7 @@ from sam_optax import descent
 from sam_optax import linen
 from sam_optax import masks
 from sam_optax import nnx
+from sam_optax import parallel
 from sam_optax import schedule
 from sam_optax import sharpness
 from sam_optax.core import Ascent
@@ -59,6 +60,7 @@ __all__ = [
     "msam_perturbed_params",
     "multistep_sam",
     "nnx",
+    "parallel",
     "random_sam",
     "sam",
     "schedule",

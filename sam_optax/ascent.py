@@ -120,8 +120,21 @@ def _unit(tree: PyTree, mask_tree: Optional[PyTree], norm: str) -> PyTree:
     """
     if norm == "l2":
         return numerics.safe_normalize(tree, mask_tree)[0]
-    signs = numerics.safe_normalize(tree, mask_tree)[0]  # zeros where masked
-    return jax.tree.map(jnp.sign, signs)
+
+    def sign(x, keep):
+        if not numerics.is_float(x) or _unselected(keep):
+            dtype = numerics.compute_dtype(x.dtype) if numerics.is_float(x) else (
+                jnp.float32)
+            return jnp.zeros(jnp.shape(x), dtype)
+        return jnp.sign(x.astype(numerics.compute_dtype(x.dtype)))
+
+    flags = jax.tree.map(lambda _: True, tree) if mask_tree is None else mask_tree
+    return jax.tree.map(sign, tree, flags)
+
+
+def _unselected(keep: Any) -> bool:
+    """A mask entry that deselects its leaf (as in :mod:`sam_optax.numerics`)."""
+    return keep is False
 
 
 def _as_named_mask(check: Callable[..., Any], mask: numerics.Mask, name: str,
@@ -257,7 +270,7 @@ def adaptive_ascent(eta: float = 0.01, *, adaptive: numerics.Mask = None,
         def t(w, keep):
             wide = numerics.compute_dtype(w.dtype) if numerics.is_float(w) else (
                 jnp.float32)
-            if not keep or not numerics.is_float(w):
+            if _unselected(keep) or not numerics.is_float(w):
                 return jnp.ones(jnp.shape(w), wide)
             return jnp.abs(w.astype(wide)) + jnp.asarray(eta, wide)
 

@@ -25,15 +25,14 @@ first; the perturbed gradient is averaged over ``axis_name`` before
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import numerics
-from sam_optax import parallel
-from sam_optax import validation
+from sam_optax import numerics, parallel, validation
 
 PyTree = Any
 AxisName = Union[str, Sequence[str], None]
@@ -237,6 +236,7 @@ def sharpness_aware(
     axis_name: AxisName = None,
     perturbation_axis_name: AxisName = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Build a SAM-type transformation from an ascent, a descent and a schedule.
 
@@ -263,6 +263,12 @@ def sharpness_aware(
         synchronised ε (SAM on the global batch); a sub-axis: grouped ε.
       perturbation_axis_index_groups: optional ``axis_index_groups`` for that
         averaging (groups of replicas sharing one ε, under ``pmap``).
+      full_diagnostics: when False, :class:`SAMDiagnostics` records 0 for
+        ``perturbation_norm`` and ``cosine`` (the other fields are free and
+        kept). Those two cost extra passes over the parameters, and the cosine
+        keeps ``g`` alive through the second gradient (a parameter-sized
+        buffer): a few percent on small, parameter-heavy models, see
+        ``benchmarks/bench_speed.py``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -350,8 +356,10 @@ def sharpness_aware(
                 grad_fn, params, epsilon)
             diagnostics = SAMDiagnostics(
                 grad_norm=numerics.global_norm(ascent_grads),
-                perturbation_norm=numerics.global_norm(epsilon),
-                cosine=numerics.cosine_similarity(ascent_grads, perturbed_grads),
+                perturbation_norm=(numerics.global_norm(epsilon)
+                                   if full_diagnostics else _as_scalar(None)),
+                cosine=(numerics.cosine_similarity(ascent_grads, perturbed_grads)
+                        if full_diagnostics else _as_scalar(None)),
                 loss=_as_scalar(clean_value),
                 perturbed_loss=_as_scalar(perturbed_value),
                 sharpness=(_as_scalar(perturbed_value) - _as_scalar(clean_value)
@@ -362,9 +370,10 @@ def sharpness_aware(
             )
             if axis_name is not None:
                 perturbed_grads = _pmean(perturbed_grads, axis_name)
-                diagnostics = diagnostics._replace(
-                    **{k: _pmean(v, axis_name) for k, v in
-                       diagnostics._asdict().items() if k != "perturbed"})
+                # One collective for all the scalars, not one per field.
+                scalars = {k: v for k, v in diagnostics._asdict().items()
+                           if k != "perturbed"}
+                diagnostics = diagnostics._replace(**_pmean(scalars, axis_name))
             clean = mean_grads() if descent.uses_clean_grads else grads
             descent_grads, descent_state = descent.combine(
                 clean, perturbed_grads, descent_state, params,

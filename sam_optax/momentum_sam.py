@@ -135,9 +135,13 @@ def momentum_sam(
             base_updates, epsilon, new_epsilon)
         value = extra_args.get("value")
         zero = jnp.zeros([], jnp.float32)
+        # Plain sums of squares: diagnostics only (no NaN possible), and no
+        # `lax.cond` of the exact norm on MSAM's one-gradient budget.
         diagnostics = SAMDiagnostics(
-            grad_norm=numerics.global_norm(grads).astype(jnp.float32),
-            perturbation_norm=numerics.global_norm(epsilon).astype(jnp.float32),
+            grad_norm=jnp.sqrt(numerics.sum_of_squares(grads)).astype(
+                jnp.float32),
+            perturbation_norm=jnp.sqrt(numerics.sum_of_squares(epsilon)).astype(
+                jnp.float32),
             cosine=zero,
             loss=zero if value is None else jnp.asarray(value, jnp.float32),
             perturbed_loss=zero,

@@ -13,7 +13,8 @@ Everything that can produce a NaN lives here, written once:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp

@@ -178,7 +178,8 @@ def _check_replicated(updates: PyTree, opt_state: PyTree,
             ("optimizer state", opt_state,
              "this transformation keeps per-shard state (it depends on the "
              "local gradient); run it under `jax.pmap`, which keeps one state "
-             "per device, or synchronise ε with `sync_perturbation=True`")):
+             "per device, or share ε over the axis (`sync_perturbation=True`"
+             " or `perturbation_axis_name=` where the variant offers them)")):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if axes & _varying_axes(leaf):
                 raise ValueError(

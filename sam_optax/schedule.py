@@ -50,6 +50,25 @@ def every_k_steps(k: int) -> Schedule:
 
     Args:
       k: period ≥ 1, in updates.
+
+    Example (a new combination in a few lines: GSAM's descent every 2 steps):
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> from sam_optax import ascent, descent, schedule
+      >>> tx = sam_optax.sharpness_aware(
+      ...     optax.sgd(0.1), rho=0.05, ascent=ascent.normalized_ascent(),
+      ...     descent=descent.gsam_gradient(alpha=0.1),
+      ...     schedule=schedule.every_k_steps(2))
+      >>> loss_fn = lambda w: jnp.sum(w ** 2)
+      >>> params, state = jnp.ones(2), tx.init(jnp.ones(2))
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> flags = []
+      >>> for _ in range(4):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      ...   flags.append(bool(sam_optax.diagnostics(state).perturbed))
+      >>> flags
+      [True, False, True, False]
     """
     validation.check_positive_int(k, "k")
     if k == 1:

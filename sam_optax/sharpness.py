@@ -89,17 +89,18 @@ class TraceEstimate(NamedTuple):
 # Argument checks (Python-side, before anything is traced).
 
 
-def _check_batches(batches: Any) -> int | None:
+def _check_batches(batches: Any, name: str = "batches") -> int | None:
+    """The common leading size of a pytree of stacked arrays (None for None)."""
     if batches is None:
         return None
     leaves = jax.tree.leaves(batches)
     if not leaves:
-        raise ValueError("`batches` has no arrays; pass None for a loss of "
-                         "params only, or a pytree of stacked batches.")
+        raise ValueError(f"`{name}` has no arrays; pass a pytree of arrays "
+                         "stacked on a leading axis.")
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
     if len(sizes) != 1 or None in sizes or 0 in sizes:
         raise ValueError(
-            "`batches` must be a pytree of arrays sharing a non-empty leading "
+            f"`{name}` must be a pytree of arrays sharing a non-empty leading "
             f"axis (the batch index); got leading sizes {sorted(map(str, sizes))}."
             " Stack a list of batches with "
             "`jax.tree.map(lambda *b: jnp.stack(b), *batch_list)`.")
@@ -557,7 +558,7 @@ def m_sharpness(loss_fn: LossFn, params: PyTree, data: PyTree, *,
         raise ValueError("`rho` must be a number here, not a schedule.")
     validation.check_positive_int(m, "m")
     validation.check_positive_int(ascent_steps, "ascent_steps")
-    n = _check_batches(data)
+    n = _check_batches(data, "data")
     if n % m:
         raise ValueError(
             f"`m` ({m}) must divide the number of examples ({n}); drop "

@@ -18,7 +18,7 @@ import sam_optax
 
 def vdot(a, b):
     return sum(float(np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64)))
-               for x, y in zip(_leaves(a), _leaves(b)))
+               for x, y in zip(_leaves(a), _leaves(b), strict=True))
 
 
 def _leaves(tree):
@@ -186,7 +186,7 @@ def run_tx(tx, problem, steps):
 
 def assert_trajectories_close(actual, expected, rtol=2e-5, atol=2e-6):
     assert len(actual) == len(expected)
-    for t, (a, e) in enumerate(zip(actual, expected)):
-        for x, y in zip(_leaves(a), _leaves(e)):
+    for t, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        for x, y in zip(_leaves(a), _leaves(e), strict=True):
             np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
                                        err_msg=f"step {t}")

@@ -316,7 +316,7 @@ def test_zero_tiny_gradients_bf16_and_no_retracing(name):
     diag = sam_optax.diagnostics(state)
     if name != "random_sam":  # a random direction ignores the gradient
         assert float(diag.perturbation_norm) == 0.0
-    # Tiny gradients (squares underflow in float32): finite and moving.
+    # Tiny gradients (squares underflow in float32): still finite.
     for _ in range(2):
         p, state = step(p, state, jnp.float32(1e-30))
     assert finite(p) and finite(state)
@@ -349,6 +349,52 @@ def test_linf_is_rho_times_sign_with_mask():
     eps, _ = probe_perturbation(tx, grads, params)
     np.testing.assert_allclose(eps["a"], [0.2, -0.2, 0.0], rtol=1e-6)
     np.testing.assert_array_equal(eps["b"], [0.0, 0.0])
+
+
+def key_stream(seed, tree, draw_leaf):
+    """The documented key schedule: ``key, draw = split(key)`` per step, one
+    ``split(draw, n_leaves)`` key per leaf (jax flatten order)."""
+    key = jax.random.PRNGKey(seed)
+    leaves_, treedef = jax.tree.flatten(tree)
+    while True:
+        key, draw = jax.random.split(key)
+        keys = jax.random.split(draw, len(leaves_))
+        yield treedef.unflatten([np.asarray(draw_leaf(k, np.shape(x)), np.float64)
+                                 for k, x in zip(keys, leaves_, strict=True)])
+
+
+def ref_random(seed, tree):
+    draws = key_stream(seed, tree, lambda k, shape: jax.random.normal(k, shape))
+
+    def perturbation(g, w, state, problem):
+        return tmap(lambda z: RHO * z, unit_l2(next(draws))), state
+    return perturbation
+
+
+def ref_esam(seed, beta, tree):
+    draws = key_stream(seed, tree,
+                       lambda k, shape: jax.random.bernoulli(k, beta, shape))
+
+    def perturbation(g, w, state, problem):
+        keep = next(draws)
+        return tmap(lambda e, m: m * e / beta, tmap(
+            lambda x: RHO * x, unit_l2(g)), keep), state
+    return perturbation
+
+
+@pytest.mark.parametrize("name", ["random_sam", "esam"])
+def test_random_methods_match_float64_reference(name):
+    problem = PROBLEMS["mlp"]()
+    if name == "random_sam":
+        tx = sam_optax.random_sam(sgdm(), RHO, seed=5)
+        perturbation = ref_random(5, problem.init)
+    else:
+        tx = sam_optax.esam(sgdm(), RHO, beta=0.5, seed=5)
+        perturbation = ref_esam(5, 0.5, problem.init)
+    expected = run_reference(problem, perturbation)
+    got, _ = run_jax(tx, problem)
+    assert_close_history(got, expected)
+    assert norm(tmap(np.subtract, _sam_history()[-1], expected[-1])) > 1e-6
 
 
 def test_random_direction_is_reproducible_and_on_the_sphere():
@@ -440,6 +486,47 @@ def test_multistep_sync_perturbation_matches_full_batch():
                                           grad_fn=jax.grad(f)))(w0)
     np.testing.assert_allclose(sharded[0], full, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(sharded[1], full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: sam_optax.vasso(optax.sgd(0.1), 0.2, theta=0.3, **kw),
+    lambda **kw: sam_optax.friendly_sam(optax.sgd(0.1), 0.2, sigma=0.7,
+                                        lmbda=0.5, **kw),
+], ids=["vasso", "friendly_sam"])
+def test_stateful_ascent_under_axis_name_sees_the_averaged_gradient(make):
+    """With a synchronised ε the EMA is of the replica-averaged gradient:
+    two vmapped replicas follow one device on the whole batch, step by step."""
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(8, 3), jnp.float32)
+    y = jnp.asarray(rng.randn(8), jnp.float32)
+    loss = lambda w, xb, yb: jnp.mean((jnp.tanh(xb @ w) - yb) ** 2)
+    w = w_full = jnp.asarray(rng.randn(3), jnp.float32)
+    tx_shard, tx_full = make(axis_name="d", sync_perturbation=True), make()
+
+    @jax.jit
+    def shard_step(w, state, xb, yb):
+        def one(xs, ys):
+            g = jax.grad(loss)(w, xs, ys)
+            u, s = tx_shard.update(g, state, w,
+                                   grad_fn=jax.grad(lambda p: loss(p, xs, ys)))
+            return w + u, s
+        ws, states = jax.vmap(one, axis_name="d")(xb, yb)
+        return ws[0], jax.tree.map(lambda a: a[0], states), ws
+
+    @jax.jit
+    def full_step(w, state):
+        g = jax.grad(loss)(w, x, y)
+        u, s = tx_full.update(g, state, w,
+                              grad_fn=jax.grad(lambda p: loss(p, x, y)))
+        return w + u, s
+
+    state, state_full = tx_shard.init(w), tx_full.init(w)
+    for _ in range(4):
+        w, state, replicas = shard_step(w, state, x.reshape(2, 4, 3),
+                                        y.reshape(2, 4))
+        w_full, state_full = full_step(w_full, state_full)
+        np.testing.assert_allclose(replicas[0], replicas[1], rtol=1e-6)
+        np.testing.assert_allclose(w, w_full, rtol=1e-5, atol=1e-7)
 
 
 def test_stateful_ascents_keep_their_ema_in_float32_state():

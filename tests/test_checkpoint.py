@@ -98,13 +98,18 @@ def test_variant_round_trip_is_bit_identical(name, tmp_path):
     _assert_identical(resumed, state)
 
 
+# One optimizer object for every state: `tx` is a static field, so a state
+# restored into a target built with the same `tx` reuses the compiled step.
+_LINEN_TX = sam_optax.sam(optax.adam(1e-2), rho=0.1)
+
+
 def _linen_state(seed):
     x, _ = _data()
     variables = LinenNet().init(jax.random.key(seed), x, train=False)
     return sam_optax.linen.TrainState.create(
         apply_fn=LinenNet().apply, params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=sam_optax.sam(optax.adam(1e-2), rho=0.1))
+        tx=_LINEN_TX)
 
 
 _LINEN_STEP = jax.jit(sam_optax.linen.train_step(linen_loss_fn))
@@ -152,13 +157,13 @@ def test_linen_round_trip_in_process_and_fresh_process(tmp_path):
         np.testing.assert_array_equal(fresh[str(i)], np.asarray(leaf))
 
 
+_NNX_TX = (sam_optax.looksam(optax.adam(1e-2)) if hasattr(sam_optax, "looksam")
+           else sam_optax.sam(optax.adam(1e-2)))
+
+
 def _nnx_objects(seed):
     model = NnxNet(nnx.Rngs(seed, dropout=seed + 1))
-    optimizer = nnx.Optimizer(model, sam_optax.looksam(optax.adam(1e-2))
-                              if hasattr(sam_optax, "looksam")
-                              else sam_optax.sam(optax.adam(1e-2)),
-                              wrt=nnx.Param)
-    return model, optimizer
+    return model, nnx.Optimizer(model, _NNX_TX, wrt=nnx.Param)
 
 
 @nnx.jit

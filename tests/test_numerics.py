@@ -20,7 +20,8 @@ def test_normalize_matches_float64_at_any_scale(seed, log_scale):
     tree = {"a": rng.randn(7), "b": rng.randn(3, 2), "c": rng.randn()}
     tree = jax.tree.map(lambda x: np.asarray(x * 10.0 ** log_scale, np.float32), tree)
     unit, norm = _normalize(tree)
-    flat = np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(tree)])
+    flat = np.concatenate([np.ravel(x).astype(np.float64)
+                           for x in jax.tree.leaves(tree)])
     expected_norm = np.linalg.norm(flat)
     np.testing.assert_allclose(float(norm), expected_norm, rtol=1e-5)
     got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(unit)])

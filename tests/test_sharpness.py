@@ -59,12 +59,14 @@ def descending_eigh(matrix):
 
 @pytest.fixture(scope="module")
 def x64_problem():
+    # Build in float64, but leave the context before returning: tests enter it
+    # themselves, and later tests must run with the default float32.
     with jax.enable_x64(True):
         params = init_mlp(jax.random.PRNGKey(0), dtype=jnp.float64)
         batch = make_data(jax.random.PRNGKey(1), dtype=jnp.float64)
         loss = lambda p: mlp_loss(p, batch)
         hessian = dense_hessian(loss, params)
-        yield params, batch, loss, hessian
+    return params, batch, loss, hessian
 
 
 def test_lanczos_matches_dense_eigh_in_float64(x64_problem):
@@ -75,14 +77,14 @@ def test_lanczos_matches_dense_eigh_in_float64(x64_problem):
         result = sharpness.lanczos(loss, params, k=5, num_iterations=40)
         got = np.asarray(result.eigenvalues)
         assert got.dtype == np.float64
+        vectors = np.stack([np.asarray(ravel_pytree(jax.tree.map(
+            lambda x, i=i: x[i], result.eigenvectors))[0]) for i in range(5)])
     # The acceptance bar of the issue: λ_max to 1e-4 relative.
     assert abs(got[0] - expected[0]) <= 1e-4 * abs(expected[0])
     np.testing.assert_allclose(got, expected[:5], rtol=1e-4)
     assert bool(np.all(result.converged))
     assert int(result.num_iterations) == 40
     # Ritz vectors are unit eigenvectors, and the residual bound holds.
-    vectors = np.stack([np.asarray(ravel_pytree(jax.tree.map(lambda x: x[i],
-                        result.eigenvectors))[0]) for i in range(5)])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-8)
     assert abs(abs(vectors[0] @ expected_vectors[:, 0]) - 1.0) < 1e-6
     true_residuals = np.linalg.norm(vectors @ hessian - got[:, None] * vectors, axis=1)
@@ -119,6 +121,17 @@ def test_lanczos_full_dimension_and_repeated_eigenvalues():
     assert int(result.num_iterations) == 6  # capped at the dimension
     np.testing.assert_allclose(result.eigenvalues, [5, 5, 5, 1, 1, -2], atol=1e-5)
     assert bool(np.all(np.isfinite(result.residuals)))
+
+
+def test_repeated_calls_compile_once():
+    loss = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 9.0) * jnp.tanh(w) ** 2)
+    before = sharpness._lanczos._cache_size()
+    first = sharpness.lanczos(loss, jnp.zeros(8), k=2)
+    second = sharpness.lanczos(loss, jnp.full(8, 0.5, jnp.float32), k=2,
+                               key=jax.random.PRNGKey(7))
+    assert sharpness._lanczos._cache_size() == before + 1
+    np.testing.assert_allclose(first.eigenvalues, [8.0, 7.0], rtol=1e-5)
+    assert float(second.eigenvalues[0]) < 8.0  # tanh flattens away from 0
 
 
 def test_lanczos_float32_and_jit_compatible():
