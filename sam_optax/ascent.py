@@ -197,6 +197,11 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = _no_state,
         mask_tree = numerics.resolve_mask(mask, params)
         v, state = direction(grads, state, params)
         s = None if scale is None else scale(grads, params)
+        if s is None and norm == "l2":
+            # Plain SAM: ρ folds into the normalising factor (one multiply
+            # per element instead of two), and ‖ε‖ = ρ·[v ≠ 0] is known.
+            epsilon, v_norm = numerics.safe_normalize(v, mask_tree, scale=rho)
+            return epsilon, state, jnp.where(v_norm > 0, rho, 0.0)
         unit = _multiply(_unit(_multiply(v, s), mask_tree, norm), s)
         return numerics.scale_tree(unit, rho), state
 
@@ -486,8 +491,8 @@ def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
     first = normalized_ascent(mask=mask)
 
     def perturbation(grads, state, params, *, rho, grad_fn, count):
-        epsilon, state = first.perturbation(grads, state, params, rho=rho,
-                                            grad_fn=grad_fn, count=count)
+        epsilon, state, *_ = first.perturbation(grads, state, params, rho=rho,
+                                                grad_fn=grad_fn, count=count)
         if steps == 1:
             return epsilon, state
         mask_tree = numerics.resolve_mask(mask, params)
@@ -547,9 +552,10 @@ def stochastic_weight_perturbation(ascent: Ascent, beta: float = 0.6, *,
                                            inner=ascent.init(params))
 
     def perturbation(grads, state, params, *, rho, grad_fn, count):
-        epsilon, inner = ascent.perturbation(grads, state.inner, params,
-                                             rho=rho, grad_fn=grad_fn,
-                                             count=count)
+        # (A third element, ‖ε‖, would not hold after masking: dropped.)
+        epsilon, inner, *_ = ascent.perturbation(grads, state.inner, params,
+                                                 rho=rho, grad_fn=grad_fn,
+                                                 count=count)
         key, draw = jax.random.split(state.key)
 
         def thin(k, e):

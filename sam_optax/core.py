@@ -46,7 +46,9 @@ class SAMDiagnostics(NamedTuple):
       grad_norm: ‖g‖₂ of the gradient that defined ε (after any averaging over
         ``perturbation_axis_name``; mean over replicas).
       perturbation_norm: ‖ε‖₂ (equals ρ for plain SAM with a nonzero gradient).
-      cosine: cos∠(g, g_sam) between the clean and the perturbed gradient.
+      cosine: cos∠(g, g_sam) between the clean and the perturbed gradient,
+        recorded when the transformation is built with
+        ``full_diagnostics=True`` (else 0).
       loss: L(w), when the caller passes ``value=`` to ``update``; else 0.
       perturbed_loss: L(w + ε), when ``grad_fn`` returns ``(value, grads)``
         (e.g. ``jax.value_and_grad``); else 0.
@@ -95,7 +97,9 @@ class Ascent(NamedTuple):
         in each leaf's compute dtype (float32 or wider), zero where nothing is
         perturbed. ``grad_fn(params) -> grads`` may be called for multi-step
         ascents; the final gradient at ``params + epsilon`` is taken by the
-        core, never here.
+        core, never here. It may return a third element, ``‖epsilon‖``, when
+        it knows it for free; the core then does not measure it (measuring
+        it can keep an extra buffer alive through the second gradient).
     """
 
     init: Callable[[PyTree], Any]
@@ -214,6 +218,11 @@ def _pmean(tree: PyTree, axis_name: AxisName,
             "batch into groups with a second vmap.") from err
 
 
+def _plain_norm(tree: PyTree) -> jax.Array:
+    """√Σx² in float32, for diagnostics (0 if every square underflows)."""
+    return jnp.sqrt(numerics.sum_of_squares(tree)).astype(jnp.float32)
+
+
 def _zero_diagnostics() -> SAMDiagnostics:
     zero = jnp.zeros([], jnp.float32)
     return SAMDiagnostics(zero, zero, zero, zero, zero, zero,
@@ -236,7 +245,7 @@ def sharpness_aware(
     axis_name: AxisName = None,
     perturbation_axis_name: AxisName = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
-    full_diagnostics: bool = True,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Build a SAM-type transformation from an ascent, a descent and a schedule.
 
@@ -263,12 +272,11 @@ def sharpness_aware(
         synchronised ε (SAM on the global batch); a sub-axis: grouped ε.
       perturbation_axis_index_groups: optional ``axis_index_groups`` for that
         averaging (groups of replicas sharing one ε, under ``pmap``).
-      full_diagnostics: when False, :class:`SAMDiagnostics` records 0 for
-        ``perturbation_norm`` and ``cosine`` (the other fields are free and
-        kept). Those two cost extra passes over the parameters, and the cosine
-        keeps ``g`` alive through the second gradient (a parameter-sized
-        buffer): a few percent on small, parameter-heavy models, see
-        ``benchmarks/bench_speed.py``.
+      full_diagnostics: also record ``cosine`` = cos∠(g, g_sam) (else 0).
+        Off by default: it keeps ``g`` alive through the second gradient (a
+        parameter-sized buffer) and costs extra passes over both gradients, a
+        few percent on small parameter-heavy models
+        (``benchmarks/bench_speed.py``). The other diagnostics are always on.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -349,15 +357,18 @@ def sharpness_aware(
 
         def with_second_gradient(substates):
             ascent_state, descent_state = substates
-            epsilon, ascent_state = ascent.perturbation(
+            epsilon, ascent_state, *known_norm = ascent.perturbation(
                 ascent_grads, ascent_state, params, rho=rho_t,
                 grad_fn=checked_grad_fn, count=count)
             perturbed_value, perturbed_grads = perturbed_gradient(
                 grad_fn, params, epsilon)
             diagnostics = SAMDiagnostics(
+                # Same computation as the ascent's norm: XLA's CSE merges them.
                 grad_norm=numerics.global_norm(ascent_grads),
-                perturbation_norm=(numerics.global_norm(epsilon)
-                                   if full_diagnostics else _as_scalar(None)),
+                # Reported by the ascent when it knows ‖ε‖ (plain SAM: ρ);
+                # else measured (ε is well scaled, a plain norm suffices).
+                perturbation_norm=(jnp.asarray(known_norm[0], jnp.float32)
+                                   if known_norm else _plain_norm(epsilon)),
                 cosine=(numerics.cosine_similarity(ascent_grads, perturbed_grads)
                         if full_diagnostics else _as_scalar(None)),
                 loss=_as_scalar(clean_value),

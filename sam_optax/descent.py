@@ -217,11 +217,13 @@ class LookSAMState(NamedTuple):
     """State of :func:`looksam_gradient`.
 
     Attributes:
-      orthogonal_grads: :math:`g_v`, the part of the last ``g_sam`` orthogonal
-        to its clean gradient, in float32 (or wider).
+      orthogonal_direction: :math:`g_v / \\lVert g_v \\rVert`, the unit
+        direction of the part of the last ``g_sam`` orthogonal to its clean
+        gradient (zero if that part is zero), in float32 (or wider). Stored
+        normalised so that a reuse step needs no norm of it.
     """
 
-    orthogonal_grads: PyTree
+    orthogonal_direction: PyTree
 
 
 def looksam_gradient(alpha: float = 0.7) -> Descent:
@@ -260,14 +262,15 @@ def looksam_gradient(alpha: float = 0.7) -> Descent:
     def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
                 count):
         del state, params, perturbation, rho, count
-        return perturbed_grads, LookSAMState(
+        unit, _ = numerics.safe_normalize(
             orthogonal_part(perturbed_grads, grads))
+        return perturbed_grads, LookSAMState(unit)
 
     def reuse(grads, state, params, *, count):
         del params, count
-        unit, _ = numerics.safe_normalize(state.orthogonal_grads)
         scale = alpha * numerics.global_norm(grads)
-        return _linear_combination(1.0, grads, scale, unit), state
+        return _linear_combination(1.0, grads, scale,
+                                   state.orthogonal_direction), state
 
     return Descent(init=init, combine=combine, reuse=reuse)
 

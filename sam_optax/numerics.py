@@ -98,24 +98,47 @@ _UP = 2.0 ** 50
 _DOWN = 2.0 ** -50
 
 
+def _three_sums_of_squares(tree: PyTree, mask_tree: PyTree | None,
+                           up: jax.Array, down: jax.Array
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(Σx², Σ(x·up)², Σ(x·down)²) with one variadic reduction per leaf."""
+    leaves = _selected(tree, mask_tree)
+    dtype = up.dtype
+    zero = jnp.zeros([], dtype)
+    totals = (zero, zero, zero)
+
+    def add(a, b):
+        return tuple(x + y for x, y in zip(a, b))
+
+    for x in leaves:
+        x = x.astype(dtype)
+        if x.size == 0:
+            continue
+        sums = jax.lax.reduce((x * x, jnp.square(x * up), jnp.square(x * down)),
+                              (zero, zero, zero), add, tuple(range(x.ndim)))
+        totals = add(totals, sums)
+    return totals
+
+
 def _norm_factors(tree: PyTree, mask_tree: PyTree | None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scalars ``(norm, a, b)`` with ``tree / norm == (tree * a) * b``.
 
     Branch-free: three sums of squares (plain, scaled by 2⁵⁰, scaled by
-    2⁻⁵⁰) are sibling reductions over the same leaves, which XLA can fuse
-    into one pass; ``jnp.where`` on scalars picks the one in range. No
-    ``lax.cond``, whose predicate costs a device-to-host sync on GPU. A zero
-    tree gives ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
+    2⁻⁵⁰) come from one variadic reduction per leaf, i.e. one pass over the
+    data; ``jnp.where`` on scalars picks the one in range. No ``lax.cond``,
+    whose predicate costs a device-to-host sync on GPU. A zero tree gives
+    ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
     """
-    plain = sum_of_squares(tree, mask_tree)
-    dtype = plain.dtype
+    dtype = jnp.float32
+    for x in _selected(tree, mask_tree):
+        dtype = jnp.promote_types(dtype, x.dtype)
     # The barrier hides the constants from XLA's simplifier, which would
     # otherwise fold (x·2⁵⁰)² into x²·2¹⁰⁰ and undo the rescaling.
     up_factor, down_factor = jax.lax.optimization_barrier(
         (jnp.asarray(_UP, dtype), jnp.asarray(_DOWN, dtype)))
-    up = sum_of_squares(scale_tree(tree, up_factor), mask_tree)
-    down = sum_of_squares(scale_tree(tree, down_factor), mask_tree)
+    plain, up, down = _three_sums_of_squares(tree, mask_tree, up_factor,
+                                             down_factor)
     use_plain = (plain >= _SMALL_SUM_OF_SQUARES) & jnp.isfinite(plain)
     use_down = ~jnp.isfinite(plain)
     pre = jnp.where(use_plain, 1.0, jnp.where(use_down, _DOWN, _UP)).astype(dtype)
@@ -140,22 +163,30 @@ def max_abs(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
     return result
 
 
-def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None
+def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None,
+                   scale: jax.Array | float | None = None
                    ) -> tuple[PyTree, jax.Array]:
-    """Return ``(tree / ‖tree‖, ‖tree‖)`` in float32 (or wider).
+    """Return ``(scale · tree / ‖tree‖, ‖tree‖)`` in float32 (or wider).
 
     A zero (or all-unselected) tree gives a zero direction and norm 0, never a
-    NaN; tiny trees (1e-30) keep their exact direction. Unselected and
-    non-float leaves come back as zeros of the leaf's compute dtype.
+    NaN; tiny (1e-30) and huge (1e30) trees keep their exact direction.
+    Unselected and non-float leaves come back as zeros of the leaf's compute
+    dtype. ``scale`` (e.g. ρ) is folded into the one scalar factor, so each
+    element costs a single multiplication.
     """
     norm, pre, post = _norm_factors(tree, mask_tree)
+    # pre·post = 1/‖tree‖ without overflow for any normal float32 norm; the
+    # split into two factors only matters inside the sums of squares.
+    factor = pre * post
+    if scale is not None:
+        factor = factor * jnp.asarray(scale).astype(factor.dtype)
 
     def direction(x, keep):
         if not is_float(x) or keep is False:
             dtype = compute_dtype(x.dtype) if is_float(x) else jnp.float32
             return jnp.zeros(jnp.shape(x), dtype)
         xc = x.astype(compute_dtype(x.dtype))
-        return (xc * pre.astype(xc.dtype)) * post.astype(xc.dtype)
+        return xc * factor.astype(xc.dtype)
 
     unit = jax.tree.map(direction, tree, _mask_flags(tree, mask_tree))
     return unit, norm

@@ -215,7 +215,7 @@ def _power_iteration(loss_fn, params, batches, key, tol, num_iterations):
 
     def step(carry):
         v, _, hv, i, _ = carry
-        # The Rayleigh quotient of the current unit v: monotone in practice.
+        # If H v = 0 (v in the null space) keep v: λ = 0 exactly, never NaN.
         norm = jnp.linalg.norm(hv)
         v_new = jnp.where(norm > tiny, hv / jnp.where(norm > tiny, norm, 1.0), v)
         hv_new = hvp(v_new)
@@ -498,7 +498,7 @@ def _m_sharpness(loss_fn, params, data, rho, m, ascent_steps, ascent):
         # s ascent steps of radius ρ/s each: ‖ε‖ ≤ ρ by the triangle inequality.
         for step in range(ascent_steps):
             point = numerics.add_perturbation(params, perturbation)
-            delta, state = ascent.perturbation(
+            delta, state, *_ = ascent.perturbation(
                 grad_fn(point), state, point, rho=rho / ascent_steps,
                 grad_fn=grad_fn, count=jnp.int32(step))
             perturbation = jax.tree.map(jnp.add, perturbation, delta)
@@ -674,13 +674,17 @@ def _evaluate(loss_fn, params, directions, coefficients, batch_size, progress,
     chunks = range(num_chunks)
     if progress and num_chunks > 1:
         try:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
             chunks = tqdm(chunks, desc=desc)
         except ImportError:  # tqdm is optional: no bar, same result
             pass
-    out = [_evaluate_chunk(loss_fn, params, tuple(directions),
-                           jnp.asarray(padded[i * batch_size:(i + 1) * batch_size]))
-           for i in chunks]
+    out = []
+    for i in chunks:
+        chunk = jnp.asarray(padded[i * batch_size:(i + 1) * batch_size])
+        out.append(_evaluate_chunk(loss_fn, params, tuple(directions), chunk))
+        if not isinstance(chunks, range):
+            # A bar should show work done, not calls queued asynchronously.
+            out[-1].block_until_ready()
     return jnp.concatenate(out)[:total]
 
 

@@ -32,6 +32,7 @@ def sam(
     perturbation_axis_name: AxisName = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
     norm: str = "l2",
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-Aware Minimization (SAM) around any Optax optimizer.
 
@@ -61,7 +62,8 @@ def sam(
       axis_name: when called inside ``pmap``/``shard_map``/``vmap`` over this
         axis, pass **local (un-averaged) gradients**: ε is computed per shard
         (m-sharpness) and ``g_sam`` is averaged over the axis before
-        ``base_tx``.
+        ``base_tx``. :mod:`sam_optax.parallel` builds such steps for
+        ``pmap``, ``shard_map``, ``jit`` and vmap-over-chunks.
       sync_perturbation: average ``g`` over ``axis_name`` before the ascent
         (one ε for the global batch: plain SAM) instead of per-shard ε.
       perturbation_axis_name: average ``g`` over these axes before the ascent
@@ -69,6 +71,9 @@ def sam(
       perturbation_axis_index_groups: ``axis_index_groups`` for that average.
       norm: the norm of the neighbourhood: ``"l2"`` (p = 2, above) or
         ``"linf"`` (p = ∞, Foret et al. App. C.5: ``ε = ρ·sign(g)``).
+      full_diagnostics: also record cos∠(g, g_sam) in
+        :func:`sam_optax.diagnostics` (keeps ``g`` alive through the second
+        gradient; off by default for speed).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`;
@@ -101,7 +106,8 @@ def sam(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask, norm=norm),
         axis_name=axis_name, sync_perturbation=sync_perturbation,
         perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        perturbation_axis_index_groups=perturbation_axis_index_groups,
+        full_diagnostics=full_diagnostics)
 
 
 def _sam_like(
@@ -115,6 +121,7 @@ def _sam_like(
     sync_perturbation: bool = False,
     perturbation_axis_name: AxisName = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The pass-through every named constructor shares: ``sync_perturbation``
     resolved into ``perturbation_axis_name``, SAM's descent and every-step
@@ -135,6 +142,7 @@ def _sam_like(
         axis_name=axis_name,
         perturbation_axis_name=perturbation_axis_name,
         perturbation_axis_index_groups=perturbation_axis_index_groups,
+        full_diagnostics=full_diagnostics,
     )
 
 

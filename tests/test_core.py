@@ -259,7 +259,7 @@ def test_diagnostics_match_reference():
     problem = PROBLEMS["logistic"]()
     params = to_jax(problem.init)
     rho = 0.2
-    tx = sam_optax.sam(optax.sgd(0.1), rho=rho)
+    tx = sam_optax.sam(optax.sgd(0.1), rho=rho, full_diagnostics=True)
     state = tx.init(params)
     loss, grads = jax.value_and_grad(problem.jax_loss)(params)
     _, state = jax.jit(lambda g, s, p, v: tx.update(
@@ -282,6 +282,13 @@ def test_diagnostics_match_reference():
     np.testing.assert_allclose(diag.sharpness, perturbed - problem.loss(p64),
                                rtol=1e-3, atol=1e-7)
     assert bool(diag.perturbed)
+    # The cosine is opt-in (it keeps g alive through the second gradient).
+    lean = sam_optax.sam(optax.sgd(0.1), rho=rho)
+    _, lean_state = lean.update(grads, lean.init(params), params,
+                                grad_fn=jax.grad(problem.jax_loss))
+    lean_diag = sam_optax.diagnostics(lean_state)
+    assert float(lean_diag.cosine) == 0.0
+    np.testing.assert_allclose(lean_diag.perturbation_norm, rho, rtol=1e-5)
 
 
 def test_value_and_grad_with_aux_is_accepted():
