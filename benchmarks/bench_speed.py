@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import sys
@@ -51,9 +50,6 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import common  # noqa: E402
 
 import sam_optax  # noqa: E402
-from sam_optax import ascent as ascent_lib  # noqa: E402
-from sam_optax import descent as descent_lib  # noqa: E402
-from sam_optax import schedule as schedule_lib  # noqa: E402
 
 RESULTS_DIR = os.path.join(_HERE, "results")
 
