@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 import optax
 
@@ -104,10 +106,55 @@ def sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask, norm=norm),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups,
-        full_diagnostics=full_diagnostics)
+        options=SAMOptions(axis_name, sync_perturbation, perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
+
+
+class SAMOptions(NamedTuple):
+    """The keyword arguments every named constructor shares with :func:`sam`.
+
+    Each variant's public signature ends with these as keyword-only
+    arguments (added by :func:`_shares_sam_options`), meaning what they mean
+    for :func:`sam`.
+    """
+
+    axis_name: AxisName = None
+    sync_perturbation: bool = False
+    perturbation_axis_name: AxisName = None
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None
+    full_diagnostics: bool = False
+
+
+_DEFAULT_OPTIONS = SAMOptions()
+
+
+def _annotation_text(field: str) -> str:
+    annotation = SAMOptions.__annotations__[field]
+    return getattr(annotation, "__forward_arg__", annotation)
+
+
+def _shares_sam_options(constructor: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``constructor(..., options)`` the public keyword-only arguments
+    of :class:`SAMOptions` in place of ``options``, written once here.
+
+    The wrapper's ``__signature__`` lists them, so ``inspect.signature``, IDEs
+    and ``optax.inject_hyperparams`` see an ordinary keyword signature.
+    """
+    signature = inspect.signature(constructor)
+    own = [p for name, p in signature.parameters.items() if name != "options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                default=default,
+                                annotation=_annotation_text(name))
+              for name, default in SAMOptions._field_defaults.items()]
+
+    @functools.wraps(constructor)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        options = SAMOptions(**{name: kwargs.pop(name)
+                                for name in SAMOptions._fields if name in kwargs})
+        return constructor(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    return wrapper
 
 
 def _sam_like(
@@ -117,16 +164,14 @@ def _sam_like(
     *,
     descent: Optional[Descent] = None,
     schedule: Optional[Schedule] = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
-    full_diagnostics: bool = False,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """The pass-through every named constructor shares: ``sync_perturbation``
     resolved into ``perturbation_axis_name``, SAM's descent and every-step
     schedule unless given."""
-    if sync_perturbation:
+    axis_name = options.axis_name
+    perturbation_axis_name = options.perturbation_axis_name
+    if options.sync_perturbation:
         if perturbation_axis_name is not None:
             raise ValueError(
                 "give either `sync_perturbation=True` or "
@@ -141,8 +186,8 @@ def _sam_like(
         schedule=schedule_lib.every_step() if schedule is None else schedule,
         axis_name=axis_name,
         perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups,
-        full_diagnostics=full_diagnostics,
+        perturbation_axis_index_groups=options.perturbation_axis_index_groups,
+        full_diagnostics=options.full_diagnostics,
     )
 
 
@@ -152,6 +197,7 @@ def _sam_like(
 # `perturbation_axis_index_groups` mean what they mean for `sam`.
 
 
+@_shares_sam_options
 def asam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.5,
@@ -159,10 +205,7 @@ def asam(
     *,
     adaptive: numerics.Mask = None,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive SAM (ASAM): a neighbourhood scaled by the weights.
 
@@ -184,7 +227,8 @@ def asam(
         formula); the official code scales weight tensors only, which
         ``adaptive=sam_optax.masks.exclude_bias_and_norm`` reproduces.
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -207,21 +251,17 @@ def asam(
     return _sam_like(
         base_tx, rho, ascent_lib.adaptive_ascent(eta, adaptive=adaptive,
                                                  mask=mask),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def fisher_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.1,
     eta: float = 1.0,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """Fisher-SAM: the neighbourhood is an ellipsoid of the Fisher metric.
 
@@ -241,7 +281,8 @@ def fisher_sam(
       rho: the radius ρ ≥ 0 (float or schedule).
       eta: η ≥ 0, the weight of the squared-gradient Fisher estimate.
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -263,11 +304,10 @@ def fisher_sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.fisher_ascent(eta, mask=mask),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def friendly_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -275,10 +315,7 @@ def friendly_sam(
     lmbda: float = 0.9,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """Friendly-SAM (F-SAM): ascend without the full-gradient component.
 
@@ -301,7 +338,8 @@ def friendly_sam(
       sigma: σ ≥ 0, the weight of the subtracted EMA (0: SAM).
       lmbda: λ ∈ [0, 1), the EMA decay.
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -324,21 +362,17 @@ def friendly_sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.friendly_ascent(sigma, lmbda, mask=mask),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def vasso(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     theta: float = 0.4,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """Variance-suppressed SAM (VaSSO): ascend along an EMA of gradients.
 
@@ -355,7 +389,8 @@ def vasso(
       rho: the radius ρ ≥ 0 (float or schedule).
       theta: θ ∈ (0, 1], the weight of the newest gradient.
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -377,21 +412,17 @@ def vasso(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.variance_suppressed_ascent(theta, mask=mask),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def random_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     *,
     seed: ascent_lib.Seed = 0,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM's random-direction ablation: ε of radius ρ, direction random.
 
@@ -408,7 +439,8 @@ def random_sam(
       rho: the radius ρ ≥ 0 (float or schedule).
       seed: an int or a JAX PRNG key.
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -427,11 +459,10 @@ def random_sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.random_ascent(seed, mask=mask),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def multistep_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -439,10 +470,7 @@ def multistep_sam(
     *,
     step_size: Optional[float] = None,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM with several projected ascent steps (Foret et al., App. C.6).
 
@@ -463,7 +491,8 @@ def multistep_sam(
       step_size: α ∈ (0, 1], length of steps 2..n as a fraction of ρ
         (default 1/n).
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -485,11 +514,10 @@ def multistep_sam(
     return _sam_like(
         base_tx, rho, ascent_lib.multistep_ascent(steps, step_size=step_size,
                                                   mask=mask),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def esam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -498,10 +526,7 @@ def esam(
     seed: ascent_lib.Seed = 0,
     granularity: str = "coordinate",
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """ESAM's stochastic weight perturbation (SWP) on SAM's ε.
 
@@ -524,7 +549,8 @@ def esam(
       granularity: ``"coordinate"`` (the paper) or ``"leaf"`` (one draw per
         parameter tensor, the official code).
       mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups: as in :func:`sam`.
+        perturbation_axis_index_groups, full_diagnostics: as in
+        :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -550,9 +576,7 @@ def esam(
         granularity=granularity)
     return _sam_like(
         base_tx, rho, ascent,
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
 # ------------------------------------ the descent and schedule families
@@ -562,16 +586,14 @@ def esam(
 # `perturbation_axis_index_groups` mean what they mean for `sam`.
 
 
+@_shares_sam_options
 def gsam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     alpha: float = 0.1,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """GSAM: SAM plus a descent on the surrogate gap (Zhuang et al. 2022).
 
@@ -615,11 +637,10 @@ def gsam(
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent_lib.gsam_gradient(alpha),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def wsam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -628,10 +649,7 @@ def wsam(
     decoupled: bool = False,
     learning_rate: Optional[ScalarOrSchedule] = None,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """WSAM: sharpness as a regularizer of weight γ/(1−γ) (Yue et al. 2023).
 
@@ -698,14 +716,13 @@ def wsam(
     tx = _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent,
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
     if decoupled:
         tx = descent_lib.add_decoupled_sharpness(tx, learning_rate)
     return tx
 
 
+@_shares_sam_options
 def looksam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -713,10 +730,7 @@ def looksam(
     alpha: float = 0.7,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """LookSAM: a SAM step every k steps, its direction reused in between.
 
@@ -764,21 +778,17 @@ def looksam(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent_lib.looksam_gradient(alpha),
         schedule=schedule_lib.every_k_steps(k),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def every_k_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     k: int = 5,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM at steps 0, k, 2k, ...; the plain base step on ``g`` otherwise.
 
@@ -811,11 +821,10 @@ def every_k_sam(
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         schedule=schedule_lib.every_k_steps(k),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def ae_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -823,10 +832,7 @@ def ae_sam(
     delta: float = 0.9,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """AE-SAM: SAM only when ‖g‖² is high for its recent history.
 
@@ -867,20 +873,16 @@ def ae_sam(
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         schedule=schedule_lib.adaptive_policy(c, delta),
-        axis_name=axis_name, sync_perturbation=sync_perturbation,
-        perturbation_axis_name=perturbation_axis_name,
-        perturbation_axis_index_groups=perturbation_axis_index_groups)
+        options=options)
 
 
+@_shares_sam_options
 def msam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.3,
     *,
     mask: numerics.Mask = None,
-    axis_name: AxisName = None,
-    sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    options: SAMOptions = _DEFAULT_OPTIONS,
 ) -> optax.GradientTransformationExtraArgs:
     """MSAM: perturb along the momentum, one gradient per step (Becker 2024).
 
@@ -913,14 +915,17 @@ def msam(
       Becker, Altrock, Risse. Momentum-SAM: Sharpness Aware Minimization
       without Computational Overhead. 2024. https://arxiv.org/abs/2401.12033
     """
-    validation.check_axis_name(perturbation_axis_name, "perturbation_axis_name")
-    if sync_perturbation and axis_name is None:
+    validation.check_axis_name(options.perturbation_axis_name,
+                               "perturbation_axis_name")
+    if options.sync_perturbation and options.axis_name is None:
         raise ValueError("`sync_perturbation=True` needs `axis_name`.")
-    if perturbation_axis_index_groups is not None and perturbation_axis_name is None:
+    if (options.perturbation_axis_index_groups is not None
+            and options.perturbation_axis_name is None):
         raise ValueError(
             "`perturbation_axis_index_groups` needs `perturbation_axis_name`.")
+    # (MSAM has no second gradient: `full_diagnostics` changes nothing.)
     return momentum_sam_lib.momentum_sam(base_tx, rho, mask=mask,
-                                         axis_name=axis_name)
+                                         axis_name=options.axis_name)
 
 
 __all__ = ["ae_sam", "asam", "esam", "every_k_sam", "fisher_sam", "friendly_sam",

@@ -195,3 +195,35 @@ def test_bad_axis_arguments():
         sam_optax.sam(optax.sgd(0.1), axis_name=3)
     with pytest.raises(ValueError, match="sync_perturbation"):
         sam_optax.sam(optax.sgd(0.1), sync_perturbation=True)
+
+
+VARIANT_NAMES = ["asam", "fisher_sam", "friendly_sam", "vasso", "random_sam",
+                 "multistep_sam", "esam", "gsam", "wsam", "looksam",
+                 "every_k_sam", "ae_sam", "msam"]
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_every_variant_shares_sams_keyword_options(name):
+    """Written once in `variants._shares_sam_options`, visible everywhere."""
+    import inspect
+
+    constructor = getattr(sam_optax, name)
+    params = inspect.signature(constructor).parameters
+    for option in ("axis_name", "sync_perturbation", "perturbation_axis_name",
+                   "perturbation_axis_index_groups", "full_diagnostics"):
+        assert params[option].kind is inspect.Parameter.KEYWORD_ONLY, option
+    assert "options" not in params
+    with pytest.raises(TypeError, match="bogus"):
+        constructor(optax.sgd(0.1), bogus=1)
+    with pytest.raises(ValueError, match="sync_perturbation"):
+        constructor(optax.sgd(0.1), sync_perturbation=True)
+
+
+def test_full_diagnostics_and_inject_hyperparams_on_a_variant():
+    tx = optax.inject_hyperparams(sam_optax.gsam)(
+        base_tx=optax.sgd(0.1), rho=0.1, alpha=0.2, full_diagnostics=True)
+    params, state = run(tx, steps=2)
+    assert float(sam_optax.diagnostics(state).cosine) > 0.0
+    lean = sam_optax.gsam(optax.sgd(0.1), 0.1, 0.2)
+    _, lean_state = run(lean, steps=2)
+    assert float(sam_optax.diagnostics(lean_state).cosine) == 0.0
