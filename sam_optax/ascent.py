@@ -128,8 +128,7 @@ def _unit(tree: PyTree, mask_tree: Optional[PyTree], norm: str) -> PyTree:
             return jnp.zeros(jnp.shape(x), dtype)
         return jnp.sign(x.astype(numerics.compute_dtype(x.dtype)))
 
-    flags = jax.tree.map(lambda _: True, tree) if mask_tree is None else mask_tree
-    return jax.tree.map(sign, tree, flags)
+    return jax.tree.map(sign, tree, numerics.mask_flags(tree, mask_tree))
 
 
 def _unselected(keep: Any) -> bool:
@@ -268,9 +267,8 @@ def adaptive_ascent(eta: float = 0.01, *, adaptive: numerics.Mask = None,
 
     def scale(grads, params):
         del grads
-        flags = numerics.resolve_mask(adaptive, params)
-        if flags is None:
-            flags = jax.tree.map(lambda _: True, params)
+        flags = numerics.mask_flags(params,
+                                    numerics.resolve_mask(adaptive, params))
 
         def t(w, keep):
             wide = numerics.compute_dtype(w.dtype) if numerics.is_float(w) else (

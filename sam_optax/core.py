@@ -218,11 +218,6 @@ def _pmean(tree: PyTree, axis_name: AxisName,
             "batch into groups with a second vmap.") from err
 
 
-def _plain_norm(tree: PyTree) -> jax.Array:
-    """√Σx² in float32, for diagnostics (0 if every square underflows)."""
-    return jnp.sqrt(numerics.sum_of_squares(tree)).astype(jnp.float32)
-
-
 def _zero_diagnostics() -> SAMDiagnostics:
     zero = jnp.zeros([], jnp.float32)
     return SAMDiagnostics(zero, zero, zero, zero, zero, zero,
@@ -368,7 +363,7 @@ def sharpness_aware(
                 # Reported by the ascent when it knows ‖ε‖ (plain SAM: ρ);
                 # else measured (ε is well scaled, a plain norm suffices).
                 perturbation_norm=(jnp.asarray(known_norm[0], jnp.float32)
-                                   if known_norm else _plain_norm(epsilon)),
+                                   if known_norm else numerics.plain_norm(epsilon)),
                 cosine=(numerics.cosine_similarity(ascent_grads, perturbed_grads)
                         if full_diagnostics else _as_scalar(None)),
                 loss=_as_scalar(clean_value),

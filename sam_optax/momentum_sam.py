@@ -138,10 +138,8 @@ def momentum_sam(
         # Plain sums of squares: diagnostics only (no NaN possible), and no
         # `lax.cond` of the exact norm on MSAM's one-gradient budget.
         diagnostics = SAMDiagnostics(
-            grad_norm=jnp.sqrt(numerics.sum_of_squares(grads)).astype(
-                jnp.float32),
-            perturbation_norm=jnp.sqrt(numerics.sum_of_squares(epsilon)).astype(
-                jnp.float32),
+            grad_norm=numerics.plain_norm(grads),
+            perturbation_norm=numerics.plain_norm(epsilon),
             cosine=zero,
             loss=zero if value is None else jnp.asarray(value, jnp.float32),
             perturbed_loss=zero,

@@ -49,8 +49,6 @@ def resolve_mask(mask: Mask, params: PyTree) -> PyTree | None:
     mask_tree = mask(params) if callable(mask) else mask
     params_struct = jax.tree.structure(params)
     try:
-        mask_struct = jax.tree.structure(params_struct.unflatten(
-            jax.tree.leaves(mask_tree)))
         leaves = params_struct.flatten_up_to(mask_tree)
     except (ValueError, TypeError) as err:
         raise ValueError(
@@ -58,7 +56,6 @@ def resolve_mask(mask: Mask, params: PyTree) -> PyTree | None:
             f"(or a callable returning one); params have structure "
             f"{params_struct} but the mask has structure "
             f"{jax.tree.structure(mask_tree)}.") from err
-    del mask_struct
     for leaf in leaves:
         if not isinstance(leaf, (bool, jax.Array)) and not hasattr(leaf, "dtype"):
             raise ValueError(
@@ -149,18 +146,15 @@ def _norm_factors(tree: PyTree, mask_tree: PyTree | None
     return scaled_norm / pre, pre, post.astype(dtype)
 
 
+def plain_norm(tree: PyTree) -> jax.Array:
+    """√Σx² in float32 without rescaling, for diagnostics and well-scaled
+    trees such as ε (0 if every square underflows)."""
+    return jnp.sqrt(sum_of_squares(tree)).astype(jnp.float32)
+
+
 def global_norm(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
     """‖tree‖₂ over the selected leaves; exact even when squares underflow."""
     return _norm_factors(tree, mask_tree)[0]
-
-
-def max_abs(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
-    """max |x| over the selected leaves (0 for an empty selection)."""
-    leaves = [x for x in _selected(tree, mask_tree) if x.size]
-    result = jnp.zeros([], jnp.float32)
-    for x in leaves:
-        result = jnp.maximum(result, jnp.max(jnp.abs(x)).astype(result.dtype))
-    return result
 
 
 def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None,
@@ -188,11 +182,12 @@ def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None,
         xc = x.astype(compute_dtype(x.dtype))
         return xc * factor.astype(xc.dtype)
 
-    unit = jax.tree.map(direction, tree, _mask_flags(tree, mask_tree))
+    unit = jax.tree.map(direction, tree, mask_flags(tree, mask_tree))
     return unit, norm
 
 
-def _mask_flags(tree: PyTree, mask_tree: PyTree | None) -> PyTree:
+def mask_flags(tree: PyTree, mask_tree: PyTree | None) -> PyTree:
+    """The resolved mask, or all-``True`` flags shaped like ``tree``."""
     if mask_tree is None:
         return jax.tree.map(lambda _: True, tree)
     return mask_tree
