@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.core import Ascent
+from sam_optax.core import Ascent, no_state
 
 PyTree = Any
 Seed = Union[int, jax.Array]
@@ -89,10 +89,6 @@ class StochasticPerturbationState(NamedTuple):
 
 # ------------------------------------------------------------ shared pieces
 
-
-def _no_state(params: PyTree) -> tuple:
-    del params
-    return ()
 
 
 def _check_norm(norm: str) -> None:
@@ -172,7 +168,7 @@ def _leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
     return treedef.unflatten(keys)
 
 
-def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = _no_state,
+def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
             *, mask: numerics.Mask = None, scale: Optional[ScaleFn] = None,
             norm: str = "l2") -> Ascent:
     """The one ascent mechanism: ``ε = ρ · S ⊙ unit(S ⊙ v)``.

@@ -87,6 +87,12 @@ class SAMState(NamedTuple):
     diagnostics: SAMDiagnostics
 
 
+def no_state(params: PyTree) -> tuple:
+    """``init`` of a stateless ascent, descent or schedule."""
+    del params
+    return ()
+
+
 class Ascent(NamedTuple):
     """How ε is computed from the clean gradient.
 
@@ -198,8 +204,11 @@ def perturbed_gradient(grad_fn: Callable[[PyTree], Any], params: PyTree,
     return split_value_and_grads(grad_fn(perturbed_params), params)
 
 
-def _pmean(tree: PyTree, axis_name: AxisName,
-           axis_index_groups: Optional[Sequence[Sequence[int]]] = None):
+def replica_mean(tree: PyTree, axis_name: AxisName,
+                 axis_index_groups: Optional[Sequence[Sequence[int]]] = None
+                 ) -> PyTree:
+    """``lax.pmean`` over ``axis_name`` (identity when None), safe under
+    ``shard_map``'s varying/invariant typing."""
     if axis_name is None:
         return tree
     # Under shard_map, a value already averaged over some of the axes (e.g.
@@ -218,7 +227,8 @@ def _pmean(tree: PyTree, axis_name: AxisName,
             "batch into groups with a second vmap.") from err
 
 
-def _zero_diagnostics() -> SAMDiagnostics:
+def zero_diagnostics() -> SAMDiagnostics:
+    """Diagnostics of a step that recorded nothing (all 0, not perturbed)."""
     zero = jnp.zeros([], jnp.float32)
     return SAMDiagnostics(zero, zero, zero, zero, zero, zero,
                           jnp.zeros([], jnp.bool_))
@@ -295,7 +305,7 @@ def sharpness_aware(
             ascent_state=ascent.init(params),
             descent_state=descent.init(params),
             schedule_state=schedule.init(params),
-            diagnostics=_zero_diagnostics(),
+            diagnostics=zero_diagnostics(),
         )
 
     def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
@@ -325,11 +335,11 @@ def sharpness_aware(
             # Handed to the ascent only (multi-step ascents): its gradients
             # are averaged like the `g` that defines ε, so a synchronised ε
             # stays synchronised over every ascent step.
-            return _pmean(split_value_and_grads(grad_fn(point), params)[1],
+            return replica_mean(split_value_and_grads(grad_fn(point), params)[1],
                           perturbation_axis_name, perturbation_axis_index_groups)
 
         # The gradient that defines ε: local (m-sharpness) unless averaged.
-        ascent_grads = _pmean(grads, perturbation_axis_name,
+        ascent_grads = replica_mean(grads, perturbation_axis_name,
                               perturbation_axis_index_groups)
         same_average = (perturbation_axis_name == axis_name
                         and perturbation_axis_index_groups is None)
@@ -341,7 +351,7 @@ def sharpness_aware(
         def mean_grads() -> PyTree:
             if not averaged:
                 averaged.append(ascent_grads if axis_name is None or same_average
-                                else _pmean(grads, axis_name))
+                                else replica_mean(grads, axis_name))
             return averaged[0]
 
         perturb, schedule_state = schedule.decide(
@@ -375,11 +385,11 @@ def sharpness_aware(
                 perturbed=jnp.ones([], jnp.bool_),
             )
             if axis_name is not None:
-                perturbed_grads = _pmean(perturbed_grads, axis_name)
+                perturbed_grads = replica_mean(perturbed_grads, axis_name)
                 # One collective for all the scalars, not one per field.
                 scalars = {k: v for k, v in diagnostics._asdict().items()
                            if k != "perturbed"}
-                diagnostics = diagnostics._replace(**_pmean(scalars, axis_name))
+                diagnostics = diagnostics._replace(**replica_mean(scalars, axis_name))
             clean = mean_grads() if descent.uses_clean_grads else grads
             descent_grads, descent_state = descent.combine(
                 clean, perturbed_grads, descent_state, params,
@@ -394,7 +404,7 @@ def sharpness_aware(
             else:
                 descent_grads, descent_state = descent.reuse(
                     mean_grads(), descent_state, params, count=count)
-            diagnostics = _zero_diagnostics()._replace(
+            diagnostics = zero_diagnostics()._replace(
                 grad_norm=numerics.global_norm(mean_grads()),
                 loss=_as_scalar(clean_value))
             return (numerics.cast_like(descent_grads, grads), ascent_state,

@@ -20,14 +20,10 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.core import Descent, SAMState, ScalarOrSchedule
+from sam_optax.core import Descent, SAMState, ScalarOrSchedule, no_state
 
 PyTree = Any
 
-
-def _no_state(params: PyTree) -> tuple:
-    del params
-    return ()
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -72,7 +68,7 @@ def sam_gradient() -> Descent:
         del grads, params, perturbation, rho, count
         return perturbed_grads, state
 
-    return Descent(init=_no_state, combine=combine, reuse=None,
+    return Descent(init=no_state, combine=combine, reuse=None,
                    uses_clean_grads=False)
 
 
@@ -106,7 +102,7 @@ def gsam_gradient(alpha: float = 0.1) -> Descent:
         return _linear_combination(1.0, perturbed_grads, -alpha,
                                    grads_orthogonal), state
 
-    return Descent(init=_no_state, combine=combine)
+    return Descent(init=no_state, combine=combine)
 
 
 def _sharpness_weight(gamma: float) -> float:
@@ -141,7 +137,7 @@ def wsam_gradient(gamma: float = 0.9) -> Descent:
         return _linear_combination(1.0 - weight, grads, weight,
                                    perturbed_grads), state
 
-    return Descent(init=_no_state, combine=combine)
+    return Descent(init=no_state, combine=combine)
 
 
 class DecoupledSharpnessState(NamedTuple):

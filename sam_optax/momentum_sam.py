@@ -20,19 +20,14 @@ import optax
 from sam_optax import numerics, validation
 from sam_optax.core import (
     AxisName,
-    SAMDiagnostics,
     SAMState,
     ScalarOrSchedule,
     find_sam_states,
+    replica_mean,
+    zero_diagnostics,
 )
 
 PyTree = Any
-
-
-def _pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
-    if axis_name is None:
-        return tree
-    return jax.lax.pmean(tree, axis_name)
 
 
 def momentum_sam(
@@ -96,16 +91,14 @@ def momentum_sam(
 
     def init_fn(params: PyTree) -> SAMState:
         numerics.resolve_mask(mask, params)  # fail early on a bad mask
-        zero = jnp.zeros([], jnp.float32)
         return SAMState(
             count=jnp.zeros([], jnp.int32),
-            rho=zero,
+            rho=jnp.zeros([], jnp.float32),
             base_state=base_tx.init(params),
             ascent_state=numerics.zeros_like_compute(params),
             descent_state=(),
             schedule_state=(),
-            diagnostics=SAMDiagnostics(zero, zero, zero, zero, zero, zero,
-                                       jnp.zeros([], jnp.bool_)),
+            diagnostics=zero_diagnostics(),
         )
 
     def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
@@ -120,32 +113,26 @@ def momentum_sam(
         count = state.count
         rho_t = jnp.asarray(rho(count) if callable(rho) else rho, jnp.float32)
         epsilon = state.ascent_state
-        grads = _pmean(grads, axis_name)
+        grads = replica_mean(grads, axis_name)
         clean_params = numerics.add_perturbation(
             params, jax.tree.map(jnp.negative, epsilon))
         base_updates, base_state = base_tx.update(
             grads, state.base_state, clean_params, **extra_args)
-        direction, _ = numerics.safe_normalize(
-            base_updates, numerics.resolve_mask(mask, params))
-        new_epsilon = numerics.scale_tree(direction, rho_t)
+        # ρ folds into the normalising factor: one multiply per element.
+        new_epsilon, _ = numerics.safe_normalize(
+            base_updates, numerics.resolve_mask(mask, params), scale=rho_t)
         updates = jax.tree.map(
             lambda u, e_old, e_new: (u.astype(e_new.dtype) - e_old + e_new
                                      ).astype(u.dtype)
             if numerics.is_float(u) else u,
             base_updates, epsilon, new_epsilon)
         value = extra_args.get("value")
-        zero = jnp.zeros([], jnp.float32)
-        # Plain sums of squares: diagnostics only (no NaN possible), and no
-        # `lax.cond` of the exact norm on MSAM's one-gradient budget.
-        diagnostics = SAMDiagnostics(
+        # Plain norms: diagnostics only, kept off MSAM's one-gradient budget.
+        diagnostics = zero_diagnostics()._replace(
             grad_norm=numerics.plain_norm(grads),
             perturbation_norm=numerics.plain_norm(epsilon),
-            cosine=zero,
-            loss=zero if value is None else jnp.asarray(value, jnp.float32),
-            perturbed_loss=zero,
-            sharpness=zero,
-            perturbed=jnp.zeros([], jnp.bool_),
-        )
+            loss=(jnp.zeros([], jnp.float32) if value is None
+                  else jnp.asarray(value, jnp.float32)))
         new_state = SAMState(
             count=optax.safe_int32_increment(count),
             rho=rho_t,

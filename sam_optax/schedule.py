@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.core import Schedule
+from sam_optax.core import Schedule, no_state
 
 PyTree = Any
 
@@ -27,10 +27,6 @@ PyTree = Any
 # stays finite in float32 even for absurd gradients (‖g‖ ≥ 1e9).
 _MAX_SQUARED_NORM = 1e18
 
-
-def _no_state(params: PyTree) -> tuple:
-    del params
-    return ()
 
 
 def every_step() -> Schedule:
@@ -40,7 +36,7 @@ def every_step() -> Schedule:
         del grads, count
         return True, state
 
-    return Schedule(init=_no_state, decide=decide, uses_grads=False)
+    return Schedule(init=no_state, decide=decide, uses_grads=False)
 
 
 def every_k_steps(k: int) -> Schedule:
@@ -78,7 +74,7 @@ def every_k_steps(k: int) -> Schedule:
         del grads
         return count % k == 0, state
 
-    return Schedule(init=_no_state, decide=decide, uses_grads=False)
+    return Schedule(init=no_state, decide=decide, uses_grads=False)
 
 
 class AdaptivePolicyState(NamedTuple):
