@@ -160,9 +160,7 @@ def markdown(machine: dict, args: argparse.Namespace, rows: Sequence[dict],
     lines = [
         "# Cost per step of the schedule family",
         "",
-        f"Device: **{machine['device_kind']}** ({machine['platform']}, "
-        f"{machine['cpu_count']} CPU cores visible), JAX {machine['jax']}, "
-        f"Optax {machine['optax']}, {machine['date_utc']}.",
+        common.device_line(machine),
         f"Base optimizer SGD (momentum 0.9, lr {args.learning_rate}), "
         f"ρ = {args.rho} (MSAM: 0.3). {args.rounds} interleaved rounds × "
         f"{args.block} consecutive steps per row "

@@ -288,9 +288,7 @@ def markdown_report(machine: dict, settings: dict, rows: Sequence[dict],
     lines = [
         "# Speed, memory and compile cost",
         "",
-        f"Device: **{machine['device_kind']}** ({machine['platform']}, "
-        f"{machine['cpu_count']} CPU cores visible), JAX {machine['jax']}, "
-        f"Optax {machine['optax']}, {machine['date_utc']}.",
+        common.device_line(machine),
         f"Base optimizer `{settings['base']}`, ρ = {settings['rho']}; "
         f"{settings['steps']} interleaved timed rounds after {settings['warmup']}"
         " warm-up steps. Ratios are medians of per-round ratios [quartiles].",

@@ -366,6 +366,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+
+def device_line(machine: dict[str, Any]) -> str:
+    """The "Device: ..." line every results file starts with."""
+    return (f"Device: **{machine['device_kind']}** ({machine['platform']}, "
+            f"{machine['cpu_count']} CPU cores visible), JAX {machine['jax']}, "
+            f"Optax {machine['optax']}, {machine['date_utc']}.")
+
+
 def device_slug() -> str:
     """A file-name-safe name of the device, e.g. ``cpu`` or ``nvidia-h100``."""
     device = jax.devices()[0]
