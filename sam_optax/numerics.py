@@ -4,8 +4,9 @@ Everything that can produce a NaN lives here, written once:
 
 * global L2 norms are accumulated in float32 (or wider, for float64 leaves);
 * a normalisation ``v / ‖v‖`` returns exactly zero for a zero vector and stays
-  exact for vectors whose squares under- or overflow (``1e-30`` or ``1e30``
-  gradients), by power-of-two rescaling chosen branch-free;
+  exact for vectors whose squares under- or overflow (``1e-35`` to ``1e35``
+  gradients), by power-of-two rescaling chosen branch-free (float32
+  subnormal entries, below ~1e-38, count as zero: XLA flushes them);
 * perturbations are computed in float32 and cast back to each leaf's dtype;
 * masks select which leaves take part (``True`` = selected); unselected leaves
   get an exact zero and do not enter any norm.
@@ -88,11 +89,16 @@ def sum_of_squares(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
 
 
 # Power-of-two rescalings (exact in binary floating point) used when the
-# plain sum of squares under- or overflows: 2**50 lifts entries down to ~1e-34
-# into range, 2**-50 brings entries up to ~1e34 down. 50 rather than 64 so
-# that XLA folding two factors together (2**100) still fits in float32.
-_UP = 2.0 ** 50
-_DOWN = 2.0 ** -50
+# plain sum of squares under- or overflows. 2**80 lifts every normal float32
+# entry (down to 2**-126 ~ 1e-38) so that its square is a normal number again,
+# with headroom: an entry of 1e-33 becomes ~1e-9. With 2**50 the squares of
+# such entries sat near float32's smallest normal, where XLA flushes
+# subnormals to zero and the norm lost 1e-4 of its value. 2**-80 brings the
+# largest float32 entries (~3e38) down to ~3e14, whose squares still fit.
+# The optimization barrier below keeps XLA from folding (x·2⁸⁰)² into
+# x²·2¹⁶⁰, which would overflow.
+_UP = 2.0 ** 80
+_DOWN = 2.0 ** -80
 
 
 def _three_sums_of_squares(tree: PyTree, mask_tree: PyTree | None,
@@ -121,8 +127,8 @@ def _norm_factors(tree: PyTree, mask_tree: PyTree | None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scalars ``(norm, a, b)`` with ``tree / norm == (tree * a) * b``.
 
-    Branch-free: three sums of squares (plain, scaled by 2⁵⁰, scaled by
-    2⁻⁵⁰) come from one variadic reduction per leaf, i.e. one pass over the
+    Branch-free: three sums of squares (plain, scaled by 2⁸⁰, scaled by
+    2⁻⁸⁰) come from one variadic reduction per leaf, i.e. one pass over the
     data; ``jnp.where`` on scalars picks the one in range. No ``lax.cond``,
     whose predicate costs a device-to-host sync on GPU. A zero tree gives
     ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
@@ -131,7 +137,7 @@ def _norm_factors(tree: PyTree, mask_tree: PyTree | None
     for x in _selected(tree, mask_tree):
         dtype = jnp.promote_types(dtype, x.dtype)
     # The barrier hides the constants from XLA's simplifier, which would
-    # otherwise fold (x·2⁵⁰)² into x²·2¹⁰⁰ and undo the rescaling.
+    # otherwise fold (x·2⁸⁰)² into x²·2¹⁶⁰ and undo the rescaling.
     up_factor, down_factor = jax.lax.optimization_barrier(
         (jnp.asarray(_UP, dtype), jnp.asarray(_DOWN, dtype)))
     plain, up, down = _three_sums_of_squares(tree, mask_tree, up_factor,

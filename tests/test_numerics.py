@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sam_optax import numerics
@@ -13,8 +13,14 @@ _normalize = jax.jit(numerics.safe_normalize)
 _cosine = jax.jit(numerics.cosine_similarity)
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-33.0, 33.0))
+@settings(deadline=None)
+# Down to 1e-35: below that, entries are themselves float32 subnormals, which
+# XLA flushes to zero on input, so no rescaling can recover them.
+@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-35.0, 35.0))
+# Entries near 1e-33 once lost 1e-4 of the norm to flushed subnormal squares.
+@example(seed=139, log_scale=-33.0)
+@example(seed=0, log_scale=-35.0)
+@example(seed=0, log_scale=35.0)
 def test_normalize_matches_float64_at_any_scale(seed, log_scale):
     rng = np.random.RandomState(seed)
     tree = {"a": rng.randn(7), "b": rng.randn(3, 2), "c": rng.randn()}
