@@ -89,16 +89,15 @@ def sum_of_squares(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
 
 
 # Power-of-two rescalings (exact in binary floating point) used when the
-# plain sum of squares under- or overflows. 2**80 lifts every normal float32
-# entry (down to 2**-126 ~ 1e-38) so that its square is a normal number again,
-# with headroom: an entry of 1e-33 becomes ~1e-9. With 2**50 the squares of
-# such entries sat near float32's smallest normal, where XLA flushes
-# subnormals to zero and the norm lost 1e-4 of its value. 2**-80 brings the
-# largest float32 entries (~3e38) down to ~3e14, whose squares still fit.
-# The optimization barrier below keeps XLA from folding (x·2⁸⁰)² into
-# x²·2¹⁶⁰, which would overflow.
-_UP = 2.0 ** 80
-_DOWN = 2.0 ** -80
+# plain sum of squares under- or overflows. 2**63 lifts entries down to ~1e-36
+# far enough that their squares are normal float32 numbers again (XLA flushes
+# subnormals to zero: with 2**50, entries of 1e-33 lost 1e-4 of the norm);
+# 2**-63 brings entries up to ~1e38 down to where their squares still fit.
+# Not more than 63: when the gradient is a compile-time constant (a loss that
+# ignores a parameter), XLA folds (x·c)² into x²·c² despite the barrier below,
+# and c² must then stay a normal float32 (2**±126): 2**80 gave 0·inf = NaN.
+_UP = 2.0 ** 63
+_DOWN = 2.0 ** -63
 
 
 def _three_sums_of_squares(tree: PyTree, mask_tree: PyTree | None,
@@ -127,8 +126,8 @@ def _norm_factors(tree: PyTree, mask_tree: PyTree | None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scalars ``(norm, a, b)`` with ``tree / norm == (tree * a) * b``.
 
-    Branch-free: three sums of squares (plain, scaled by 2⁸⁰, scaled by
-    2⁻⁸⁰) come from one variadic reduction per leaf, i.e. one pass over the
+    Branch-free: three sums of squares (plain, scaled by 2⁶³, scaled by
+    2⁻⁶³) come from one variadic reduction per leaf, i.e. one pass over the
     data; ``jnp.where`` on scalars picks the one in range. No ``lax.cond``,
     whose predicate costs a device-to-host sync on GPU. A zero tree gives
     ``norm = 0`` and ``b = 0``: a zero direction, never a NaN.
@@ -137,7 +136,7 @@ def _norm_factors(tree: PyTree, mask_tree: PyTree | None
     for x in _selected(tree, mask_tree):
         dtype = jnp.promote_types(dtype, x.dtype)
     # The barrier hides the constants from XLA's simplifier, which would
-    # otherwise fold (x·2⁸⁰)² into x²·2¹⁶⁰ and undo the rescaling.
+    # otherwise fold (x·2⁶³)² into x²·2¹²⁶ and undo the rescaling.
     up_factor, down_factor = jax.lax.optimization_barrier(
         (jnp.asarray(_UP, dtype), jnp.asarray(_DOWN, dtype)))
     plain, up, down = _three_sums_of_squares(tree, mask_tree, up_factor,
@@ -171,22 +170,22 @@ def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None,
     A zero (or all-unselected) tree gives a zero direction and norm 0, never a
     NaN; tiny (1e-30) and huge (1e30) trees keep their exact direction.
     Unselected and non-float leaves come back as zeros of the leaf's compute
-    dtype. ``scale`` (e.g. ρ) is folded into the one scalar factor, so each
-    element costs a single multiplication.
+    dtype. ``scale`` (e.g. ρ) is folded into the scalar factors, so it costs
+    nothing per element.
     """
     norm, pre, post = _norm_factors(tree, mask_tree)
-    # pre·post = 1/‖tree‖ without overflow for any normal float32 norm; the
-    # split into two factors only matters inside the sums of squares.
-    factor = pre * post
+    # Two multiplications, not one by pre·post: for norms above ~8e37 the
+    # product 1/‖tree‖ is a float32 subnormal, which XLA flushes to zero.
+    # Both are fused into the same elementwise loop, so the second is free.
     if scale is not None:
-        factor = factor * jnp.asarray(scale).astype(factor.dtype)
+        post = post * jnp.asarray(scale).astype(post.dtype)
 
     def direction(x, keep):
         if not is_float(x) or keep is False:
             dtype = compute_dtype(x.dtype) if is_float(x) else jnp.float32
             return jnp.zeros(jnp.shape(x), dtype)
         xc = x.astype(compute_dtype(x.dtype))
-        return xc * factor.astype(xc.dtype)
+        return (xc * pre.astype(xc.dtype)) * post.astype(xc.dtype)
 
     unit = jax.tree.map(direction, tree, mask_flags(tree, mask_tree))
     return unit, norm
