@@ -91,7 +91,7 @@ def momentum_sam(
 
     def init_fn(params: PyTree) -> SAMState:
         numerics.resolve_mask(mask, params)  # fail early on a bad mask
-        return SAMState(
+        return SAMState.create(
             count=jnp.zeros([], jnp.int32),
             rho=jnp.zeros([], jnp.float32),
             base_state=base_tx.init(params),
@@ -133,7 +133,7 @@ def momentum_sam(
             perturbation_norm=numerics.plain_norm(epsilon),
             loss=(jnp.zeros([], jnp.float32) if value is None
                   else jnp.asarray(value, jnp.float32)))
-        new_state = SAMState(
+        new_state = SAMState.create(
             count=optax.safe_int32_increment(count),
             rho=rho_t,
             base_state=base_state,

@@ -244,12 +244,13 @@ def test_state_holds_no_param_sized_copy():
     base = optax.adam(1e-3)
     base_leaves = jax.tree.leaves(base.init(params))
     sam_state = sam_optax.sam(base, 0.05).init(params)
-    extra = [x for x in jax.tree.leaves(sam_state)]
-    assert len(extra) - len(base_leaves) == len(jax.tree.leaves(
-        (sam_state.count, sam_state.rho, sam_state.diagnostics)))
-    for x in jax.tree.leaves((sam_state.count, sam_state.rho,
-                              sam_state.diagnostics)):
-        assert x.ndim == 0
+    # Two extra leaves: the int32 count and one float32 vector holding ρ and
+    # the diagnostics (each leaf is a buffer passed to and from every step).
+    assert len(jax.tree.leaves(sam_state)) - len(base_leaves) == 2
+    assert sam_state.count.shape == () and sam_state.scalars.shape == (8,)
+    assert sam_state.rho.shape == ()
+    assert all(x.shape == () for x in sam_state.diagnostics)
+    assert sam_state.diagnostics.perturbed.dtype == jnp.bool_
     base_bytes = sum(x.nbytes for x in base_leaves)
     sam_bytes = sum(x.nbytes for x in jax.tree.leaves(sam_state))
     assert sam_bytes - base_bytes < 64
