@@ -17,6 +17,7 @@ import pytest
 _BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, _BENCHMARKS)
+import bench_overhead  # noqa: E402
 import bench_speed  # noqa: E402
 import common  # noqa: E402
 
@@ -165,6 +166,22 @@ def test_benchmark_smoke(tmp_path):
     table = stem.with_suffix(".md").read_text()
     assert "| sam_optax.sam |" in table and saved["machine"]["device_kind"] in table
     assert stem.with_suffix(".png").stat().st_size > 1000
+
+
+def test_overhead_ablation_smoke(tmp_path):
+    """The ablation runs, its patched norms take effect and are undone."""
+    original = sam_optax.numerics._two_sums_of_squares
+    payload = bench_overhead.main(["--rounds", "3", "--warmup", "1",
+                                   "--out", str(tmp_path)])
+    assert sam_optax.numerics._two_sums_of_squares is original
+    by = {r["config"]: r for r in payload["rows"]}
+    assert list(by) == ["handwritten", "handwritten + 2 scalars",
+                        "handwritten + 9 scalars", "sam_optax.sam",
+                        "sam, unguarded norm", "sam, variadic norm"]
+    assert all(r["steps"] == 3 and r["median_ms"] > 0 for r in by.values())
+    # One sum of squares instead of two: fewer FLOPs than the safe norm.
+    assert by["sam, unguarded norm"]["flops"] < by["sam_optax.sam"]["flops"]
+    assert (tmp_path / f"overhead_{common.device_slug()}.md").exists()
 
 
 def test_full_diagnostics_change_nothing_but_the_cosine():
