@@ -197,8 +197,12 @@ def test_rho_zero_is_base_optimizer_bit_for_bit(base_name, jit):
         p_sam, s_sam, p_base, s_base = both(p_sam, s_sam, p_base, s_base)
     pairs = list(zip(jax.tree.leaves(p_sam), jax.tree.leaves(p_base)))
     pairs += list(zip(jax.tree.leaves(s_sam.base_state), jax.tree.leaves(s_base)))
+    # Under jit XLA may fuse the larger SAM graph differently (Adam on CPU;
+    # every base on GPU, where the gradient's kernels are chosen per graph):
+    # equal to float32 rounding there, bit-for-bit elsewhere.
+    ulp_level = jit and (base_name == "adam" or jax.default_backend() != "cpu")
     for a, b in pairs:
-        if jit and base_name == "adam":
+        if ulp_level:
             np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-9)
         else:
             np.testing.assert_array_equal(a, b)

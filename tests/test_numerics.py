@@ -42,15 +42,17 @@ def test_zero_tree_gives_zero_direction_and_norm():
 
 @pytest.mark.parametrize("value", [1e-39, 1e-37, 1e36, 3e38])
 def test_norms_outside_the_range_are_defined(value):
-    # Below ~1e-33 the rescaled squares reach float32's subnormals (flushed on
-    # CPU and GPU); above ~1e31 both sums overflow. Never a NaN: either the
-    # exact direction or an exact zero, and an infinite norm only above.
+    # Below ~1e-33 the rescaled squares reach float32's subnormals (XLA:CPU
+    # flushes them to zero, giving a zero direction; the GPU keeps a few
+    # digits, giving a direction within ~1e-3); above ~1e31 both sums
+    # overflow. Never a NaN, never longer than a unit vector, and an
+    # infinite norm only above the range.
     tree = {"a": jnp.full(4, value, jnp.float32)}
     unit, norm = _normalize(tree)
     assert not np.isnan(float(norm))
     assert np.isinf(float(norm)) == (value > 1e31)
     direction = np.asarray(unit["a"])
-    assert np.all(direction == 0.0) or np.allclose(direction, 0.5, rtol=1e-5)
+    assert np.all(direction == 0.0) or np.allclose(direction, 0.5, rtol=1e-3)
     if value > 1e31:
         np.testing.assert_array_equal(direction, 0.0)
 
