@@ -6,7 +6,8 @@ Everything that can produce a NaN lives here, written once:
 * a normalisation ``v / ‖v‖`` returns exactly zero for a zero vector and stays
   exact for vectors whose squares under- or overflow (norms from ``1e-33``
   to ``1e31``), by power-of-two rescaling chosen branch-free; outside that
-  range the direction is zero, never a NaN;
+  range the direction is zero (below it, on a GPU that keeps subnormals,
+  approximate), never a NaN;
 * perturbations are computed in float32 and cast back to each leaf's dtype;
 * masks select which leaves take part (``True`` = selected); unselected leaves
   get an exact zero and do not enter any norm.
