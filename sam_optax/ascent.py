@@ -537,9 +537,7 @@ def stochastic_weight_perturbation(ascent: Ascent, beta: float = 0.6, *,
     """
     validation.check_in_range(beta, "beta", 0.0, 1.0, low_open=True)
     _check_seed(seed)
-    if granularity not in ("coordinate", "leaf"):
-        raise ValueError("`granularity` must be 'coordinate' or 'leaf'; got "
-                         f"{granularity!r}.")
+    validation.check_choice(granularity, "granularity", ("coordinate", "leaf"))
 
     def init(params):
         return StochasticPerturbationState(key=_raw_key(seed),

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from sam_optax import validation
+
 PyTree = Any
 BatchStatsPolicy = Literal["clean", "perturbed"]
 DropoutKeyPolicy = Literal["same", "folded"]
@@ -98,13 +100,6 @@ class TrainState(train_state.TrainState):
             }
         return self.replace(step=self.step + 1, params=new_params,
                             opt_state=opt_state, **replacements)
-
-
-def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(map(repr, choices))}; "
-            f"got {value!r}.")
 
 
 def _same_trace(inner: jax.Array, outer: jax.Array) -> bool:
@@ -181,8 +176,8 @@ def train_step(
       the clean pass: the official implementation).
       https://arxiv.org/abs/2010.01412
     """
-    _check_choice(batch_stats, "batch_stats", ("clean", "perturbed"))
-    _check_choice(dropout_key, "dropout_key", ("same", "folded"))
+    validation.check_choice(batch_stats, "batch_stats", ("clean", "perturbed"))
+    validation.check_choice(dropout_key, "dropout_key", ("same", "folded"))
     if isinstance(rng_streams, str):
         rng_streams = (rng_streams,)
     rng_streams = tuple(rng_streams)

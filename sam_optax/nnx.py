@@ -21,6 +21,8 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
+from sam_optax import validation
+
 PyTree = Any
 DropoutKeyPolicy = Literal["same", "folded"]
 
@@ -58,9 +60,7 @@ def grad_fn(
       ``grad_fn(params) -> (loss, grads)``, for ``optimizer.update(model,
       grads, grad_fn=...)``.
     """
-    if dropout_key not in ("same", "folded"):
-        raise ValueError(
-            f"`dropout_key` must be 'same' or 'folded'; got {dropout_key!r}.")
+    validation.check_choice(dropout_key, "dropout_key", ("same", "folded"))
     graphdef, _, rest = nnx.split(model, wrt, ...)
     # Pure arrays: every `merge` builds fresh Variables, so the copy's updates
     # (batch statistics, RNG counts) never reach `model`.

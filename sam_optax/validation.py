@@ -7,6 +7,7 @@ traced (e.g. ρ under ``optax.inject_hyperparams``) are checked only for type.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 from typing import Any, Optional
 
@@ -40,6 +41,14 @@ def check_nonnegative_scalar_or_schedule(value: Any, name: str) -> None:
         raise ValueError(
             f"`{name}` must be finite and >= 0 (e.g. {name}=0.05); "
             f"got {scalar}.")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a choice."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, choices))}; "
+            f"got {value!r}.")
 
 
 def check_rho(rho: Any) -> None:
