@@ -10,7 +10,11 @@ from sam_optax.core import (
     diagnostics,
     sharpness_aware,
 )
-from sam_optax.momentum_sam import msam_clean_params, msam_perturbed_params
+from sam_optax.momentum_sam import (
+    MomentumSAMState,
+    msam_clean_params,
+    msam_perturbed_params,
+)
 from sam_optax.schedule import gsam_rho_schedule
 from sam_optax.variants import (
     ae_sam,
@@ -34,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ascent",
     "Descent",
+    "MomentumSAMState",
     "SAMDiagnostics",
     "SAMState",
     "Schedule",

@@ -19,7 +19,10 @@ public ascent below only says what ``v`` and ``S`` are. Two ascents wrap
 others: :func:`multistep_ascent` (several ascent steps) and
 :func:`stochastic_weight_perturbation` (ESAM's random subset of coordinates).
 Norms come from :mod:`sam_optax.numerics`, so zero and tiny gradients give a
-zero or an exact direction, never a NaN.
+zero or an exact direction, never a NaN; a gradient with an ``inf`` or
+``NaN`` entry (on the perturbed leaves) gives ε = 0 on every leaf, for every
+ascent. Masks (``mask=``, ASAM's ``adaptive=``) are resolved by
+:func:`sam_optax.masks.leaf_flags`, the same way everywhere.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax import numerics, validation
+from sam_optax import masks, numerics, validation
 from sam_optax.core import Ascent, no_state
 
 PyTree = Any
@@ -103,42 +106,15 @@ def _multiply(tree: PyTree, scale: Optional[PyTree]) -> PyTree:
     if scale is None:
         return tree
     return jax.tree.map(
-        lambda x, s: x.astype(numerics.compute_dtype(x.dtype)) * s.astype(
-            numerics.compute_dtype(x.dtype)) if numerics.is_float(x) else x,
-        tree, scale)
+        lambda x, s: numerics.as_compute(x) * jnp.asarray(s).astype(
+            numerics.compute_dtype(numerics.leaf_dtype(x)))
+        if numerics.is_float(x) else x, tree, scale)
 
 
-def _unit(tree: PyTree, mask_tree: Optional[PyTree], norm: str) -> PyTree:
-    """The unit-norm direction of steepest ascent for the given norm.
-
-    ``l2``: ``x/‖x‖₂`` (safe at 0 and for tiny x); ``linf``: ``sign(x)``, the
-    maximiser of ⟨x, ε⟩ over the ∞-ball. Unselected leaves give exact zeros.
-    """
-    if norm == "l2":
-        return numerics.safe_normalize(tree, mask_tree)[0]
-
-    def sign(x, keep):
-        if not numerics.is_float(x) or _unselected(keep):
-            dtype = numerics.compute_dtype(x.dtype) if numerics.is_float(x) else (
-                jnp.float32)
-            return jnp.zeros(jnp.shape(x), dtype)
-        return jnp.sign(x.astype(numerics.compute_dtype(x.dtype)))
-
-    return jax.tree.map(sign, tree, numerics.mask_flags(tree, mask_tree))
-
-
-def _unselected(keep: Any) -> bool:
-    """A mask entry that deselects its leaf (as in :mod:`sam_optax.numerics`)."""
-    return keep is False
-
-
-def _as_named_mask(check: Callable[..., Any], mask: numerics.Mask, name: str,
-                   *args: Any) -> Any:
-    """Run a mask check for an argument that is not called ``mask``."""
-    try:
-        return check(mask, *args)
-    except ValueError as err:
-        raise ValueError(str(err).replace("`mask`", f"`{name}`")) from err
+def _sign(tree: PyTree, mask_tree: Optional[PyTree]) -> PyTree:
+    """``sign(x)``, the maximiser of ⟨x, ε⟩ over the ∞-ball (p = ∞), on the
+    selected leaves; exact zeros elsewhere."""
+    return jax.tree.map(jnp.sign, numerics.select_leaves(tree, mask_tree))
 
 
 def _raw_key(seed: Seed) -> jax.Array:
@@ -151,14 +127,27 @@ def _raw_key(seed: Seed) -> jax.Array:
     if (isinstance(seed, (jax.Array, np.ndarray)) and seed.shape == (2,)
             and seed.dtype == np.uint32):
         return jnp.asarray(seed)
+    # optax.inject_hyperparams turns an int seed into an int32 array.
+    hint = validation.static_hint("seed") if isinstance(seed, jax.Array) else ""
     raise ValueError(
         "`seed` must be an int or a JAX PRNG key (`jax.random.key(0)` or "
-        f"`jax.random.PRNGKey(0)`); got {seed!r}.")
+        f"`jax.random.PRNGKey(0)`); got {seed!r}.{hint}")
 
 
 def _check_seed(seed: Seed) -> None:
     if not isinstance(seed, jax.core.Tracer):
         _raw_key(seed)
+
+
+def _map_pairs(f: Callable[..., tuple[Any, Any]], tree: PyTree,
+               other: PyTree) -> tuple[PyTree, PyTree]:
+    """``f`` leafwise returning pairs, as two trees of ``tree``'s structure
+    (also for a tree without leaves, where ``jax.tree.transpose`` fails)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    pairs = [f(x, y) for x, y in zip(leaves, treedef.flatten_up_to(other),
+                                     strict=True)]
+    return (treedef.unflatten([a for a, _ in pairs]),
+            treedef.unflatten([b for _, b in pairs]))
 
 
 def _leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
@@ -169,36 +158,53 @@ def _leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
 
 
 def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
-            *, mask: numerics.Mask = None, scale: Optional[ScaleFn] = None,
+            *, mask: masks.Mask = None, scale: Optional[ScaleFn] = None,
             norm: str = "l2") -> Ascent:
     """The one ascent mechanism: ``ε = ρ · S ⊙ unit(S ⊙ v)``.
+
+    ε is exactly 0 on unselected leaves, and on every leaf when ``S ⊙ v`` has
+    an ``inf``/``NaN`` entry on the selected leaves (or, for p = 2, a norm
+    outside the safe range): see :mod:`sam_optax.numerics`.
 
     Args:
       direction: ``direction(grads, state, params) -> (v, new_state)``.
       init: ``init(params) -> state`` of ``direction``.
-      mask: leaves that are perturbed; only they enter the norm.
+      mask: leaves that are perturbed; only they enter the norm
+        (:func:`sam_optax.masks.leaf_flags`).
       scale: ``scale(grads, params) -> S``, an elementwise scale (``None``: 1).
       norm: ``"l2"`` or ``"linf"``.
     """
-    validation.optional_mask_error(mask)
+    masks.check(mask, "mask")
     _check_norm(norm)
 
     def init_fn(params: PyTree) -> Any:
-        numerics.resolve_mask(mask, params)  # fail early on a bad mask
+        masks.resolve(mask, params, "mask")  # fail early on a bad mask
         return init(params)
 
     def perturbation(grads, state, params, *, rho, grad_fn, count):
         del grad_fn, count
-        mask_tree = numerics.resolve_mask(mask, params)
+        mask_tree = masks.resolve(mask, params, "mask")
         v, state = direction(grads, state, params)
         s = None if scale is None else scale(grads, params)
         if s is None and norm == "l2":
             # Plain SAM: ρ folds into the normalising factor (one multiply
-            # per element instead of two), and ‖ε‖ = ρ·[v ≠ 0] is known.
-            epsilon, v_norm = numerics.safe_normalize(v, mask_tree, scale=rho)
-            return epsilon, state, jnp.where(v_norm > 0, rho, 0.0)
-        unit = _multiply(_unit(_multiply(v, s), mask_tree, norm), s)
-        return numerics.scale_tree(unit, rho), state
+            # per element instead of two), and ‖ε‖ = ρ where ε ≠ 0 is known.
+            unit = numerics.normalize(v, mask_tree, scale=rho)
+            return unit.direction, state, jnp.where(unit.usable, rho, 0.0)
+        scaled = _multiply(v, s)
+        if norm == "l2":
+            unit = numerics.normalize(scaled, mask_tree)
+            direction_tree, usable = unit.direction, unit.usable
+        else:
+            direction_tree = _sign(scaled, mask_tree)
+            usable = numerics.all_finite(scaled, mask_tree)
+        # S ⊙ unit, times ρ; the select (one elementwise pass with the
+        # products) zeroes the whole ε when S ⊙ v was not finite.
+        epsilon = numerics.scale_tree(_multiply(direction_tree, s), rho)
+        epsilon = jax.tree.map(
+            lambda e: jnp.where(usable, e, jnp.zeros([], e.dtype)),
+            numerics.select_leaves(epsilon, mask_tree))
+        return epsilon, state
 
     return Ascent(init=init_fn, perturbation=perturbation)
 
@@ -211,7 +217,7 @@ def _gradient(grads, state, params):
 # ------------------------------------------------------------------ ascents
 
 
-def normalized_ascent(mask: numerics.Mask = None, norm: str = "l2") -> Ascent:
+def normalized_ascent(mask: masks.Mask = None, norm: str = "l2") -> Ascent:
     """SAM's ascent (Foret et al. 2021, eq. 2 and App. C.5).
 
     .. math::
@@ -222,9 +228,10 @@ def normalized_ascent(mask: numerics.Mask = None, norm: str = "l2") -> Ascent:
     with the global norm over all (selected) leaves; ε = 0 when g = 0.
 
     Args:
-      mask: optional bool tree (or callable on params returning one): only
-        selected leaves are perturbed and enter the norm (SAM-ON with
-        :func:`sam_optax.masks.normalization_layers`).
+      mask: optional bool tree (the params' structure or a prefix of it,
+        like ``optax.masked``) or a callable on params returning one, see
+        :mod:`sam_optax.masks`: only selected leaves are perturbed and enter
+        the norm (SAM-ON with :func:`sam_optax.masks.normalization_layers`).
       norm: ``"l2"`` (p = 2, the default) or ``"linf"`` (p = ∞, the dual
         norm's maximiser ``sign(g)``; then ‖ε‖₂ = ρ·sqrt(#perturbed entries)).
 
@@ -235,8 +242,8 @@ def normalized_ascent(mask: numerics.Mask = None, norm: str = "l2") -> Ascent:
     return _ascent(_gradient, mask=mask, norm=norm)
 
 
-def adaptive_ascent(eta: float = 0.01, *, adaptive: numerics.Mask = None,
-                    mask: numerics.Mask = None) -> Ascent:
+def adaptive_ascent(eta: float = 0.01, *, adaptive: masks.Mask = None,
+                    mask: masks.Mask = None) -> Ascent:
     """ASAM's ascent (Kwon et al. 2021, eq. 11), with ``T_w = |w| + η``.
 
     .. math::
@@ -246,8 +253,9 @@ def adaptive_ascent(eta: float = 0.01, *, adaptive: numerics.Mask = None,
 
     Args:
       eta: η ≥ 0, keeps ``T_w > 0`` at ``w = 0``.
-      adaptive: leaves whose ``T_w = |w| + η`` (a bool tree or a callable on
-        params); other leaves take ``T = 1``. Default ``None``: every leaf,
+      adaptive: leaves whose ``T_w = |w| + η`` (a mask: bool tree, prefix
+        or callable on params, see :mod:`sam_optax.masks`); other leaves take
+        ``T = 1``. Default ``None``: every leaf,
         as in the paper's formula. The official code scales weight tensors
         only; :func:`sam_optax.masks.exclude_bias_and_norm` gives T = 1 to
         biases and normalization params.
@@ -259,31 +267,30 @@ def adaptive_ascent(eta: float = 0.01, *, adaptive: numerics.Mask = None,
       https://arxiv.org/abs/2102.11600
     """
     validation.check_in_range(eta, "eta", 0.0, float("inf"))
-    _as_named_mask(validation.optional_mask_error, adaptive, "adaptive")
+    masks.check(adaptive, "adaptive")
 
     def scale(grads, params):
         del grads
-        flags = numerics.mask_flags(params,
-                                    numerics.resolve_mask(adaptive, params))
+        flags = masks.leaf_flags(adaptive, params, "adaptive")
 
         def t(w, keep):
-            wide = numerics.compute_dtype(w.dtype) if numerics.is_float(w) else (
-                jnp.float32)
-            if _unselected(keep) or not numerics.is_float(w):
-                return jnp.ones(jnp.shape(w), wide)
-            return jnp.abs(w.astype(wide)) + jnp.asarray(eta, wide)
+            wide = numerics.as_compute(w)
+            if keep and numerics.is_float(w):
+                return jnp.abs(wide) + jnp.asarray(eta, wide.dtype)
+            return jnp.ones(wide.shape, wide.dtype)
 
-        return jax.tree.map(t, params, flags)
+        leaves, treedef = jax.tree.flatten(params)
+        return treedef.unflatten([t(w, keep) for w, keep in zip(
+            leaves, flags, strict=True)])
 
     def init(params):
-        # Fail early on a bad tree.
-        _as_named_mask(numerics.resolve_mask, adaptive, "adaptive", params)
+        masks.resolve(adaptive, params, "adaptive")  # fail early on a bad tree
         return ()
 
     return _ascent(_gradient, init, mask=mask, scale=scale)
 
 
-def fisher_ascent(eta: float = 1.0, *, mask: numerics.Mask = None) -> Ascent:
+def fisher_ascent(eta: float = 1.0, *, mask: masks.Mask = None) -> Ascent:
     """Fisher-SAM's ascent (Kim et al. 2022, eq. 13-14).
 
     The Fisher information is approximated by its diagonal built from the
@@ -313,11 +320,13 @@ def fisher_ascent(eta: float = 1.0, *, mask: numerics.Mask = None) -> Ascent:
         del params
 
         def inv_sqrt_fisher(g):
-            wide = numerics.compute_dtype(g.dtype) if numerics.is_float(g) else (
-                jnp.float32)
-            gw = jnp.asarray(g).astype(wide)
-            # rsqrt(inf) = 0: a huge coordinate gets no perturbation, no NaN.
-            return jax.lax.rsqrt(1.0 + jnp.asarray(eta, wide) * gw * gw)
+            if not numerics.is_float(g):  # int params' (float0) gradients
+                return jnp.ones(np.shape(g), jnp.float32)
+            gw = numerics.as_compute(g)
+            # rsqrt(inf) = 0 where η g² overflows: a huge finite coordinate
+            # gets no perturbation. An inf/NaN one makes S ⊙ g non-finite,
+            # hence ε = 0 as a whole (see _ascent).
+            return jax.lax.rsqrt(1.0 + jnp.asarray(eta, gw.dtype) * gw * gw)
 
         return jax.tree.map(inv_sqrt_fisher, grads)
 
@@ -325,7 +334,7 @@ def fisher_ascent(eta: float = 1.0, *, mask: numerics.Mask = None) -> Ascent:
 
 
 def friendly_ascent(sigma: float = 1.0, lmbda: float = 0.9, *,
-                    mask: numerics.Mask = None) -> Ascent:
+                    mask: masks.Mask = None) -> Ascent:
     """Friendly-SAM's ascent (Li et al. 2024, Alg. 1): remove the full-gradient
     component, estimated by an EMA of past gradients, from the ascent.
 
@@ -359,15 +368,14 @@ def friendly_ascent(sigma: float = 1.0, lmbda: float = 0.9, *,
         first = state.count == 0
 
         def update(g, m):
-            gw = g.astype(m.dtype)
+            if not numerics.is_float(m):  # an int leaf: never perturbed
+                return m, m
+            gw = jnp.asarray(g).astype(m.dtype)
             v = jnp.where(first, gw, gw - jnp.asarray(sigma, m.dtype) * m)
             new_m = jnp.where(first, gw, lmbda * m + (1.0 - lmbda) * gw)
             return v, new_m
 
-        pairs = jax.tree.map(update, grads, state.momentum)
-        outer = jax.tree.structure(grads)
-        v, momentum = jax.tree.transpose(
-            outer, jax.tree.structure((0, 0)), pairs)
+        v, momentum = _map_pairs(update, grads, state.momentum)
         return v, FriendlyAscentState(
             count=optax.safe_int32_increment(state.count), momentum=momentum)
 
@@ -375,7 +383,7 @@ def friendly_ascent(sigma: float = 1.0, lmbda: float = 0.9, *,
 
 
 def variance_suppressed_ascent(theta: float = 0.4, *,
-                               mask: numerics.Mask = None) -> Ascent:
+                               mask: masks.Mask = None) -> Ascent:
     """VaSSO's ascent (Li & Giannakis 2023, eq. 5): normalise an EMA of
     gradients instead of the noisy mini-batch gradient.
 
@@ -405,7 +413,9 @@ def variance_suppressed_ascent(theta: float = 0.4, *,
         first = state.count == 0
 
         def update(g, d):
-            gw = g.astype(d.dtype)
+            if not numerics.is_float(d):  # an int leaf: never perturbed
+                return d
+            gw = jnp.asarray(g).astype(d.dtype)
             return jnp.where(first, gw, (1.0 - theta) * d + theta * gw)
 
         ema = jax.tree.map(update, grads, state.ema)
@@ -415,7 +425,7 @@ def variance_suppressed_ascent(theta: float = 0.4, *,
     return _ascent(direction, init, mask=mask)
 
 
-def random_ascent(seed: Seed = 0, *, mask: numerics.Mask = None) -> Ascent:
+def random_ascent(seed: Seed = 0, *, mask: masks.Mask = None) -> Ascent:
     """A random direction of radius ρ (the ablation of Foret et al., App. C.5).
 
     .. math::
@@ -445,9 +455,9 @@ def random_ascent(seed: Seed = 0, *, mask: numerics.Mask = None) -> Ascent:
 
         def normal(k, g):
             if not numerics.is_float(g):
-                return jnp.zeros(jnp.shape(g), jnp.float32)
-            return jax.random.normal(k, jnp.shape(g),
-                                     numerics.compute_dtype(g.dtype))
+                return jnp.zeros(np.shape(g), jnp.float32)
+            return jax.random.normal(k, np.shape(g), numerics.compute_dtype(
+                numerics.leaf_dtype(g)))
 
         z = jax.tree.map(normal, _leaf_keys(draw, grads), grads)
         return z, RandomAscentState(key=key)
@@ -456,7 +466,7 @@ def random_ascent(seed: Seed = 0, *, mask: numerics.Mask = None) -> Ascent:
 
 
 def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
-                     mask: numerics.Mask = None) -> Ascent:
+                     mask: masks.Mask = None) -> Ascent:
     """Several normalised ascent steps (Foret et al. 2021, App. C.6).
 
     With ``g_1 = g`` the clean gradient, α the step size (a fraction of ρ)
@@ -489,11 +499,12 @@ def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
                                                 grad_fn=grad_fn, count=count)
         if steps == 1:
             return epsilon, state
-        mask_tree = numerics.resolve_mask(mask, params)
+        mask_tree = masks.resolve(mask, params, "mask")
 
         def ascend(_, eps):
             g = grad_fn(numerics.add_perturbation(params, eps))
-            step = numerics.scale_tree(_unit(g, mask_tree, "l2"), alpha * rho)
+            # A non-finite g_k gives a zero step: ε stays where it was.
+            step = numerics.normalize(g, mask_tree, scale=alpha * rho).direction
             eps = jax.tree.map(jnp.add, eps, step)
             norm = numerics.global_norm(eps, mask_tree)
             shrink = jnp.where(norm > rho, rho / jnp.where(norm > 0, norm, 1.0),

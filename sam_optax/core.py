@@ -25,6 +25,8 @@ first; the perturbed gradient is averaged over ``axis_name`` before
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
@@ -44,8 +46,12 @@ class SAMDiagnostics(NamedTuple):
 
     Attributes:
       grad_norm: ‖g‖₂ of the gradient that defined ε (after any averaging over
-        ``perturbation_axis_name``; mean over replicas).
-      perturbation_norm: ‖ε‖₂ (equals ρ for plain SAM with a nonzero gradient).
+        ``perturbation_axis_name``; mean over replicas); ``inf`` (or ``NaN``)
+        when g has an inf/NaN entry or a norm above ~1e31.
+      perturbation_norm: ‖ε‖₂ of the ε actually used: ρ for plain SAM with a
+        usable gradient; 0 when g is zero, outside the safe norm range
+        (~1e-33..1e31) or has an inf/NaN entry on the perturbed leaves, where
+        ε = 0.
       cosine: cos∠(g, g_sam) between the clean and the perturbed gradient,
         recorded when the transformation is built with
         ``full_diagnostics=True`` (else 0).
@@ -182,9 +188,24 @@ class Schedule(NamedTuple):
 
 
 _MISSING_GRAD_FN = (
-    "SAM needs the gradient at the perturbed point: pass `grad_fn`, e.g. "
-    "`tx.update(grads, opt_state, params, grad_fn=jax.grad(loss_fn))`, where "
-    "`loss_fn(params)` is the mini-batch loss of this step.")
+    "SAM needs the gradient at the perturbed point, and `tx.update` got no "
+    "`grad_fn`. With Flax Linen's `TrainState` (whose `apply_gradients` never "
+    "passes it): use the drop-in `sam_optax.linen.TrainState` and call "
+    "`state.apply_gradients(grads=grads, grad_fn=jax.grad(loss_fn))`, or build "
+    "the whole step with `sam_optax.linen.train_step`. Calling `tx.update` "
+    "yourself: `tx.update(grads, opt_state, params, "
+    "grad_fn=jax.grad(loss_fn))`, where `loss_fn(params)` is the mini-batch "
+    "loss of this step. With Flax NNX: `optimizer.update(model, grads, "
+    "grad_fn=sam_optax.nnx.grad_fn(model, loss_fn, *batch))`.")
+
+_MULTISTEPS_OUTSIDE = (
+    "`optax.MultiSteps` wraps a SAM transformation here. MultiSteps hands its "
+    "inner optimizer the running mean of the micro-batch gradients but the "
+    "`grad_fn` of the last micro-batch only, so ε would come from the mean "
+    "and the SAM gradient from one micro-batch. Put the accumulation inside "
+    "SAM instead: `sam_optax.sam(optax.MultiSteps(base_tx, k).gradient_"
+    "transformation(), rho)` takes a SAM step per micro-batch (its own ε and "
+    "second gradient) and accumulates the SAM gradients for `base_tx`.")
 
 
 def split_value_and_grads(out: Any, params: PyTree, name: str = "grad_fn"
@@ -219,7 +240,110 @@ def split_value_and_grads(out: Any, params: PyTree, name: str = "grad_fn"
                 f"  params:        {params_struct}\n"
                 f"  {name} gave: {jax.tree.structure(out)}")
     validation.check_same_shapes(grads, params, name)
+    check_gradient_dtypes(grads, params, name)
     return value, grads
+
+
+def check_gradient_dtypes(grads: PyTree, params: PyTree, name: str) -> None:
+    """A float parameter's gradient must be real floating point.
+
+    Integer, bool or complex gradients would be cast silently on the way into
+    ε or ``base_tx`` (complex ones losing their imaginary part).
+
+    Raises:
+      TypeError: naming the first offending leaf and its dtype.
+    """
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), g in zip(paths, jax.tree.leaves(grads)):
+        if not numerics.is_float(p) or jnp.iscomplexobj(p):
+            continue  # int leaves take no part; complex params: not SAM's
+        dtype = jnp.asarray(g).dtype if not hasattr(g, "dtype") else g.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`{name}` leaf {jax.tree_util.keystr(path)} has dtype {dtype}, "
+                f"but the parameter is {jnp.asarray(p).dtype}: gradients of "
+                "float parameters must be real floating point (is the loss "
+                "complex, or the gradient taken of an integer output?).")
+
+
+def check_single_argument(grad_fn: Callable[..., Any]) -> None:
+    """``grad_fn`` is called as ``grad_fn(params)``; refuse, with the fix, a
+    function that needs more (``optax.contrib.sam``'s ``grad_fn(params, i)``)."""
+    try:
+        signature = inspect.signature(grad_fn)
+    except (TypeError, ValueError):  # builtins, some C callables: unknown
+        return
+    required = [p for p in signature.parameters.values()
+                if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) > 1:
+        raise TypeError(
+            f"`grad_fn` must take the parameters only, `grad_fn(params)`; its "
+            f"signature is {signature}. Bind the batch (and anything else) "
+            "first, e.g. `grad_fn=jax.grad(lambda p: loss_fn(p, batch))`. "
+            "(`optax.contrib.sam`'s `grad_fn(params, i)` takes a micro-batch "
+            f"index; see {validation.MIGRATION_DOC}.)")
+
+
+def check_value(value: Any) -> None:
+    """``value=`` (the clean loss, for the sharpness diagnostic) is a scalar."""
+    if value is None:
+        return
+    if isinstance(value, (tuple, list, dict)):
+        raise TypeError(
+            "`value` must be the scalar loss L(w); got a "
+            f"{type(value).__name__}. With `jax.value_and_grad(..., "
+            "has_aux=True)` pass `value=loss`, not `value=(loss, aux)`.")
+    if jnp.shape(value) != ():
+        raise ValueError(
+            f"`value` must be the scalar loss L(w); got shape {jnp.shape(value)}.")
+
+
+def _inside_multisteps() -> bool:
+    """Whether ``optax.MultiSteps.update`` is among our callers.
+
+    Read from the Python stack at trace time (no cost in the compiled step):
+    the only way to see the wrapping, since MultiSteps hands its inner
+    optimizer ordinary arguments.
+    """
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_qualname.startswith("MultiSteps.")
+                and frame.f_globals.get("__name__", "").startswith("optax")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def keep_if_base_rejected(base_state: Any, new: PyTree, old: PyTree) -> PyTree:
+    """``old`` where the step was rejected by a guard inside ``base_tx``
+    (:func:`_base_rejected`), else ``new``; ``new`` itself, at no cost, when
+    ``base_tx`` has no such guard. Every SAM-type state goes through this,
+    so a skipped step leaves the SAM side as it leaves ``base_tx``."""
+    rejected = _base_rejected(base_state)
+    if rejected is None:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(rejected, o, n), new, old)
+
+
+def _base_rejected(base_state: Any) -> Optional[jax.Array]:
+    """Whether an ``optax.apply_if_finite`` (or a ``MultiSteps`` with a
+    ``should_skip_update_fn``) inside ``base_tx`` rejected this step; ``None``
+    when ``base_tx`` holds neither: nothing to check, no cost.
+
+    Reads the flag the wrapper computed itself, so guarding the SAM-side
+    state costs no extra pass over the gradients.
+    """
+    flags = [s.last_finite for s in find_states(base_state,
+                                                 optax.ApplyIfFiniteState)]
+    # `optax.MultiSteps(..., should_skip_update_fn=optax.skip_not_finite)`.
+    flags += [jnp.logical_not(s.skip_state["should_skip"])
+              for s in find_states(base_state, optax.MultiStepsState)
+              if isinstance(s.skip_state, dict) and "should_skip" in s.skip_state]
+    if not flags:
+        return None
+    return jnp.logical_not(jnp.all(jnp.stack(flags)))
 
 
 def perturbed_gradient(grad_fn: Callable[[PyTree], Any], params: PyTree,
@@ -262,6 +386,19 @@ def zero_diagnostics() -> SAMDiagnostics:
     zero = jnp.zeros([], jnp.float32)
     return SAMDiagnostics(zero, zero, zero, zero, zero, zero,
                           jnp.zeros([], jnp.bool_))
+
+
+def _like_grads(descent_grads: PyTree, grads: PyTree) -> PyTree:
+    """What ``base_tx`` receives, in the dtypes of the caller's gradients.
+
+    Float leaves are cast back from the compute dtype; every other leaf
+    (integer parameters' gradients, ``float0``) is the caller's own leaf,
+    untouched: SAM perturbs and combines float leaves only. Both branches of
+    a schedule's ``lax.cond`` then return the same types.
+    """
+    return jax.tree.map(
+        lambda x, g: x.astype(g.dtype) if numerics.is_float(g) else g,
+        descent_grads, grads)
 
 
 def _as_scalar(value: Optional[jax.Array]) -> jax.Array:
@@ -319,6 +456,7 @@ def sharpness_aware(
       (``value=`` among them) are forwarded to ``base_tx`` when it accepts them.
     """
     validation.check_rho(rho)
+    validation.check_bool(full_diagnostics, "full_diagnostics")
     base_tx = validation.as_transformation(base_tx)
     validation.check_axis_name(axis_name, "axis_name")
     validation.check_axis_name(perturbation_axis_name, "perturbation_axis_name")
@@ -343,6 +481,9 @@ def sharpness_aware(
                   **extra_args: Any) -> tuple[PyTree, SAMState]:
         if grad_fn is None:
             raise TypeError(_MISSING_GRAD_FN)
+        if _inside_multisteps():
+            raise TypeError(_MULTISTEPS_OUTSIDE)
+        check_single_argument(grad_fn)
         if params is None:
             raise ValueError(
                 "SAM perturbs the parameters: pass them, "
@@ -359,7 +500,12 @@ def sharpness_aware(
         # At least float32 (inject_hyperparams hands bf16 ρ to bf16 params),
         # float64 when x64 is on and ρ came as a Python float.
         rho_t = rho_t.astype(jnp.promote_types(rho_t.dtype, jnp.float32))
+        # A traced or scheduled ρ cannot be checked when the step is built:
+        # negative and NaN values become 0 (a plain base step), never a flip
+        # of ε's direction or a NaN. (NaN > 0 is False.)
+        rho_t = jnp.where(rho_t > 0, rho_t, jnp.zeros_like(rho_t))
         clean_value = extra_args.get("value")
+        check_value(clean_value)
 
         def checked_grad_fn(point: PyTree) -> PyTree:
             # Handed to the ascent only (multi-step ascents): its gradients
@@ -424,7 +570,7 @@ def sharpness_aware(
             descent_grads, descent_state = descent.combine(
                 clean, perturbed_grads, descent_state, params,
                 perturbation=epsilon, rho=rho_t, count=count)
-            return (numerics.cast_like(descent_grads, grads), ascent_state,
+            return (_like_grads(descent_grads, grads), ascent_state,
                     descent_state, diagnostics)
 
         def without_second_gradient(substates):
@@ -437,7 +583,7 @@ def sharpness_aware(
             diagnostics = zero_diagnostics()._replace(
                 grad_norm=numerics.global_norm(mean_grads()),
                 loss=_as_scalar(clean_value))
-            return (numerics.cast_like(descent_grads, grads), ascent_state,
+            return (_like_grads(descent_grads, grads), ascent_state,
                     descent_state, diagnostics)
 
         substates = (state.ascent_state, state.descent_state)
@@ -450,8 +596,18 @@ def sharpness_aware(
 
         updates, base_state = base_tx.update(
             descent_grads, state.base_state, params, **extra_args)
+        # `sam(optax.apply_if_finite(base))` skipped a non-finite step: the
+        # SAM-side state (count, EMAs, schedule statistics, LookSAM's
+        # direction, keys) stays as it was, like the base's own state.
+        new_count, ascent_state, descent_state, schedule_state = (
+            keep_if_base_rejected(
+                base_state,
+                (optax.safe_int32_increment(count), ascent_state,
+                 descent_state, schedule_state),
+                (count, state.ascent_state, state.descent_state,
+                 state.schedule_state)))
         new_state = SAMState.create(
-            count=optax.safe_int32_increment(count),
+            count=new_count,
             rho=rho_t.astype(jnp.float32),
             base_state=base_state,
             ascent_state=ascent_state,
@@ -466,10 +622,16 @@ def sharpness_aware(
 
 def find_sam_states(opt_state: Any) -> list[SAMState]:
     """All :class:`SAMState` inside an optimizer state (chains, wrappers)."""
-    found: list[SAMState] = []
+    return find_states(opt_state, SAMState)
+
+
+def find_states(opt_state: Any, kind: type) -> list:
+    """All states of type ``kind`` inside an optimizer state, outermost first
+    (not looking inside a found one)."""
+    found: list = []
 
     def visit(node: Any) -> None:
-        if isinstance(node, SAMState):
+        if isinstance(node, kind):
             found.append(node)
             return
         if isinstance(node, (tuple, list)):

@@ -20,20 +20,31 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.core import Descent, SAMState, ScalarOrSchedule, no_state
+from sam_optax.core import (
+    Descent,
+    SAMState,
+    ScalarOrSchedule,
+    find_states,
+    keep_if_base_rejected,
+    no_state,
+)
 
 PyTree = Any
 
 
 
 def _wide(x: jax.Array) -> jax.Array:
-    return x.astype(numerics.compute_dtype(x.dtype))
+    return numerics.as_compute(x)
 
 
 def _linear_combination(a: float | jax.Array, x: PyTree,
                         b: float | jax.Array, y: PyTree) -> PyTree:
-    """``a·x + b·y`` leaf by leaf, in each leaf's compute dtype."""
+    """``a·x + b·y`` leaf by leaf, in each leaf's compute dtype; a leaf that is
+    not float on either side (an integer parameter's gradient, ``float0``)
+    is ``x``'s, untouched."""
     def combine(u, v):
+        if not (numerics.is_float(u) and numerics.is_float(v)):
+            return u
         u, v = _wide(u), _wide(v)
         dtype = jnp.promote_types(u.dtype, v.dtype)
         return (jnp.asarray(a, dtype) * u.astype(dtype)
@@ -50,9 +61,13 @@ def orthogonal_part(tree: PyTree, direction: PyTree) -> PyTree:
       \\hat b = b / \\lVert b \\rVert_2
 
     ``a`` itself when ``b = 0`` (never NaN); computed in float32 or wider.
+    A non-finite ``⟨a, b̂⟩`` (an inf or NaN entry in ``a`` or ``b``) also
+    gives ``a``: the bad entry stays where it is instead of spreading to
+    every leaf through the projection.
     """
     unit, _ = numerics.safe_normalize(direction)
     along = numerics.tree_vdot(tree, unit)
+    along = jnp.where(jnp.isfinite(along), along, jnp.zeros_like(along))
     return _linear_combination(1.0, tree, -along, unit)
 
 
@@ -105,9 +120,13 @@ def gsam_gradient(alpha: float = 0.1) -> Descent:
     return Descent(init=no_state, combine=combine)
 
 
-def _sharpness_weight(gamma: float) -> float:
+def _sharpness_weight(gamma: float | jax.Array) -> float | jax.Array:
+    """γ/(1−γ); a Python float stays one (exact under x64), a traced γ (from
+    ``optax.inject_hyperparams``) stays traced."""
     validation.check_in_range(gamma, "gamma", 0.0, 1.0, high_open=True)
-    return float(gamma) / (1.0 - float(gamma))
+    if not isinstance(gamma, jax.Array):
+        gamma = float(gamma)
+    return gamma / (1.0 - gamma)
 
 
 def wsam_gradient(gamma: float = 0.9) -> Descent:
@@ -195,18 +214,34 @@ def add_decoupled_sharpness(
     validation.check_nonnegative_scalar_or_schedule(learning_rate,
                                                     "learning_rate")
 
+    def init_fn(params):
+        state = inner.init(params)
+        if find_states(state.base_state, optax.MultiStepsState):
+            # The sharpness step would move the params at every micro-batch
+            # while `base_tx` waits for k of them.
+            raise ValueError(
+                "`wsam(..., decoupled=True)` cannot accumulate gradients with "
+                "`optax.MultiSteps` inside it: its sharpness step is applied "
+                "at every micro-batch. Use the coupled form (`decoupled=False`) "
+                "or accumulate larger batches before calling `update`.")
+        return state
+
     def update_fn(grads, state: SAMState, params=None, **extra_args):
         count = state.count
         updates, state = inner.update(grads, state, params, **extra_args)
-        lr = jnp.asarray(learning_rate(count) if callable(learning_rate)
-                         else learning_rate, jnp.float32)
-        sharpness = state.descent_state.sharpness_grads
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        # A step rejected by `apply_if_finite` inside `base_tx` applies no
+        # sharpness step either (the core kept the previous term's state).
+        sharpness = keep_if_base_rejected(
+            state.base_state, state.descent_state.sharpness_grads,
+            jax.tree.map(jnp.zeros_like, state.descent_state.sharpness_grads))
+        # η in the sharpness term's own (compute) dtype: float64 under x64.
         updates = jax.tree.map(
-            lambda u, s: (_wide(u) - lr.astype(s.dtype) * s).astype(u.dtype)
-            if numerics.is_float(u) else u, updates, sharpness)
+            lambda u, s: (_wide(u) - jnp.asarray(lr, s.dtype) * s).astype(
+                u.dtype) if numerics.is_float(u) else u, updates, sharpness)
         return updates, state
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class LookSAMState(NamedTuple):
@@ -240,7 +275,8 @@ def looksam_gradient(alpha: float = 0.7) -> Descent:
       d = g + α \\frac{\\lVert g \\rVert}{\\lVert g_v \\rVert} g_v
 
     Norms and the dot product are global over all leaves (the paper's
-    PyTorch code uses per-tensor ones). ``g_v = 0`` gives ``d = g``.
+    PyTorch code uses per-tensor ones). ``g_v = 0`` gives ``d = g``, and so
+    does a ``‖g‖`` that is non-finite or beyond the norm's range (~1e31).
 
     Args:
       alpha: weight α ≥ 0 of the reused direction.
@@ -257,14 +293,21 @@ def looksam_gradient(alpha: float = 0.7) -> Descent:
 
     def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
                 count):
-        del state, params, perturbation, rho, count
+        del params, perturbation, rho, count
         unit, _ = numerics.safe_normalize(
             orthogonal_part(perturbed_grads, grads))
+        # The stored direction keeps init's dtypes on every leaf (an integer
+        # leaf's zeros too), so both branches of the schedule's cond agree.
+        unit = jax.tree.map(lambda u, old: u.astype(old.dtype), unit,
+                            state.orthogonal_direction)
         return perturbed_grads, LookSAMState(unit)
 
     def reuse(grads, state, params, *, count):
         del params, count
         scale = alpha * numerics.global_norm(grads)
+        # ‖g‖ non-finite or beyond the norm's range (~1e31): no reused term
+        # (d = g), rather than inf·0 = NaN or an inf in every leaf.
+        scale = jnp.where(jnp.isfinite(scale), scale, jnp.zeros_like(scale))
         return _linear_combination(1.0, grads, scale,
                                    state.orthogonal_direction), state
 

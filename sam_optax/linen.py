@@ -2,9 +2,10 @@
 
 Flax's ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state,
 params)`` and nothing else, so ``grad_fn`` never reaches a SAM optimizer.
-:class:`TrainState` forwards every keyword that is not one of its fields to
-``tx.update``; :func:`train_step` builds a whole step for models with
-BatchNorm and dropout, with the two choices that matter made explicit:
+:class:`TrainState` is a drop-in replacement whose ``apply_gradients`` also
+takes ``grad_fn`` (and ``value``) for ``tx.update``; :func:`train_step`
+builds a whole step for models with BatchNorm and dropout, with the two
+choices that matter made explicit:
 
 - ``batch_stats``: which forward pass gives the new running statistics.
   ``"clean"`` (default, as the official SAM code) keeps those of the pass at
@@ -13,22 +14,29 @@ BatchNorm and dropout, with the two choices that matter made explicit:
 - ``dropout_key``: ``"same"`` (default) uses the clean pass's dropout key for
   the perturbed pass, so both gradients see one sub-network; ``"folded"``
   folds a constant into it, giving the perturbed pass a fresh mask.
+
+With ``axis_name`` (data parallelism under ``shard_map``, ``pmap`` or a
+``vmap`` over chunks), the step takes each shard's local gradient (per-shard
+ε, m-sharpness), averages the loss and metrics, and averages the new batch
+statistics over the axis, so that every replica keeps the same state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from sam_optax import validation
+from sam_optax import parallel, validation
 
 PyTree = Any
+AxisName = Optional[Any]  # a mapped axis name, a tuple of names, or None
 BatchStatsPolicy = Literal["clean", "perturbed"]
 DropoutKeyPolicy = Literal["same", "folded"]
 
@@ -37,14 +45,21 @@ _PERTURBED_PASS_SALT = 1
 
 
 class TrainState(train_state.TrainState):
-    """Flax's ``TrainState`` whose ``apply_gradients`` forwards extra arguments.
+    """Flax's ``TrainState`` whose ``apply_gradients`` forwards ``grad_fn``.
 
     ``state.apply_gradients(grads=g, grad_fn=f, value=loss, batch_stats=s)``
     calls ``tx.update(g, opt_state, params, grad_fn=f, value=loss)`` and
-    replaces the field ``batch_stats``: keywords naming a field of the state
-    are replaced as in Flax, all others go to ``tx.update``. A plain Optax
-    optimizer ignores them (``optax.with_extra_args_support``); a SAM optimizer
-    called without ``grad_fn`` raises the core's error naming the fix.
+    replaces the field ``batch_stats``, as Flax replaces the fields named in
+    its keywords. Further arguments of ``tx.update`` go in ``extra_args``; any
+    other keyword is refused (a misspelt field would otherwise be dropped
+    silently). A plain Optax optimizer ignores ``grad_fn`` and ``value``
+    (``optax.with_extra_args_support``); a SAM optimizer called without
+    ``grad_fn`` raises the core's error naming the fix.
+
+    Flax's ``overwrite_with_gradient`` convention is kept: when ``grads``
+    holds that collection, only ``params['params']`` is optimized (and
+    perturbed) and the collection's leaves are set to their gradient.
+    ``grad_fn`` then takes and returns the whole variables, like ``grads``.
 
     Attributes:
       batch_stats: the model's ``batch_stats`` collection, or ``None``.
@@ -78,19 +93,41 @@ class TrainState(train_state.TrainState):
                                **kwargs)
         return state.replace(step=jnp.zeros([], jnp.int32))
 
-    def apply_gradients(self, *, grads: PyTree, **kwargs: Any) -> TrainState:
-        """One optimizer step; see the class docstring for the keywords."""
-        fields = {field.name for field in dataclasses.fields(self)}
-        replacements = {k: v for k, v in kwargs.items() if k in fields}
-        extra_args = {k: v for k, v in kwargs.items() if k not in fields}
+    def apply_gradients(self, *, grads: PyTree,
+                        grad_fn: Optional[Callable[[PyTree], Any]] = None,
+                        value: Any = None,
+                        extra_args: Optional[dict[str, Any]] = None,
+                        **fields: Any) -> TrainState:
+        """One optimizer step.
+
+        Args:
+          grads: the gradient at ``params`` (same tree).
+          grad_fn: ``grad_fn(params) -> grads`` (or ``(loss, grads)``), the
+            mini-batch gradient at any point; SAM evaluates it at ``w + ε``.
+          value: the loss at ``params``, for ``tx.update(..., value=...)``.
+          extra_args: further keyword arguments of ``tx.update``.
+          **fields: fields of the state to replace (e.g. ``batch_stats``).
+
+        Raises:
+          TypeError: for a keyword that is neither an argument above nor a
+            replaceable field, listing the valid names.
+        """
+        _check_fields(self, fields)
+        update_args = dict(extra_args or {})
+        if value is not None:
+            update_args["value"] = value
         tx = optax.with_extra_args_support(self.tx)
-        overwrite = train_state.OVERWRITE_WITH_GRADIENT in grads
-        # Same handling of Flax's overwrite-with-gradient collection as the
-        # parent class: only ``params['params']`` is optimized (and perturbed).
+        overwrite = (isinstance(grads, Mapping)
+                     and train_state.OVERWRITE_WITH_GRADIENT in grads)
+        # As Flax's TrainState: with an overwrite-with-gradient collection,
+        # only ``params['params']`` is optimized, hence perturbed too.
         grads_with_opt = grads["params"] if overwrite else grads
         params_with_opt = self.params["params"] if overwrite else self.params
+        if grad_fn is not None:
+            update_args["grad_fn"] = (_grad_fn_of_params(grad_fn, self.params)
+                                      if overwrite else grad_fn)
         updates, opt_state = tx.update(grads_with_opt, self.opt_state,
-                                       params_with_opt, **extra_args)
+                                       params_with_opt, **update_args)
         new_params = optax.apply_updates(params_with_opt, updates)
         if overwrite:
             new_params = {
@@ -99,7 +136,50 @@ class TrainState(train_state.TrainState):
                     grads[train_state.OVERWRITE_WITH_GRADIENT],
             }
         return self.replace(step=self.step + 1, params=new_params,
-                            opt_state=opt_state, **replacements)
+                            opt_state=opt_state, **fields)
+
+
+# Set by `apply_gradients` itself: not replaceable through its keywords.
+_UPDATED_FIELDS = ("step", "params", "opt_state")
+_OWN_ARGUMENTS = ("grads", "grad_fn", "value", "extra_args")
+
+
+def _check_fields(state: TrainState, fields: dict[str, Any]) -> None:
+    """Refuse keywords of ``apply_gradients`` that name no replaceable field."""
+    replaceable = sorted(f.name for f in dataclasses.fields(state)
+                         if f.name not in _UPDATED_FIELDS)
+    unknown = sorted(set(fields) - set(replaceable))
+    if not unknown:
+        return
+    hints = [f"{close[0]!r} for {name!r}" for name in unknown
+             if name not in _UPDATED_FIELDS
+             and (close := difflib.get_close_matches(
+                 name, replaceable + list(_OWN_ARGUMENTS), n=1))]
+    raise TypeError(
+        f"`apply_gradients` got unexpected keyword argument(s) {unknown}"
+        + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+        + f". It takes {', '.join(f'`{a}`' for a in _OWN_ARGUMENTS)} "
+        "(further `tx.update` arguments go in `extra_args={...}`) and the "
+        f"fields of the state to replace: {replaceable}"
+        + (f"; {[n for n in unknown if n in _UPDATED_FIELDS]} are set by "
+           "the step itself" if set(unknown) & set(_UPDATED_FIELDS) else "")
+        + ".")
+
+
+def _grad_fn_of_params(grad_fn: Callable[[PyTree], Any], variables: PyTree
+                       ) -> Callable[[PyTree], Any]:
+    """``grad_fn`` of the whole variables as a function of
+    ``variables['params']``, the part the optimizer sees under Flax's
+    overwrite-with-gradient convention; the other collections stay fixed."""
+
+    def of_params(params: PyTree) -> Any:
+        out = grad_fn({**variables, "params": params})
+        if isinstance(out, tuple):  # (value, grads), as jax.value_and_grad
+            value, grads = out
+            return value, grads["params"]
+        return out["params"]
+
+    return of_params
 
 
 def _same_trace(inner: jax.Array, outer: jax.Array) -> bool:
@@ -114,6 +194,7 @@ def train_step(
     batch_stats: BatchStatsPolicy = "clean",
     dropout_key: DropoutKeyPolicy = "same",
     rng_streams: Sequence[str] = ("dropout",),
+    axis_name: AxisName = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
     """Build ``step(state, batch, key) -> (state, metrics)`` for a Linen model.
 
@@ -137,6 +218,23 @@ def train_step(
     ``k = fold_in(key, state.step)``, one per stream in ``rng_streams``, so a
     run resumed from a checkpoint draws the same masks.
 
+    **Data parallelism** (``axis_name``): inside ``shard_map``, ``pmap`` or a
+    ``vmap`` with that axis name, each replica differentiates its own batch
+    at a "varying" copy of the parameters, so ``g`` is the replica's local
+    gradient and ε is per replica (m-sharpness, m = the replica's batch) --
+    as the optimizer's local-gradient rule asks; build ``tx`` with the same
+    ``axis_name`` (and ``sync_perturbation=True`` for one ε). The loss, the
+    metrics and the new batch statistics are averaged over the axis,
+
+    .. math::
+
+      s \\leftarrow \\frac{1}{n} \\sum_{r=1}^{n} s^{(r)}_{clean},
+
+    as the official SAM code does: each replica normalizes with its own
+    batch's statistics in the forward pass, and the running statistics stay
+    identical on every replica. (For batch statistics of the global batch in
+    the forward pass, give the model ``nn.BatchNorm(axis_name=...)``.)
+
     Args:
       loss_fn: ``loss_fn(apply, batch) -> loss | (loss, metrics)``.
       batch_stats: ``"clean"`` or ``"perturbed"``: whose statistics are kept.
@@ -144,10 +242,17 @@ def train_step(
         every step (its statistics do not exist on skipped steps).
       dropout_key: ``"same"`` or ``"folded"``: the perturbed pass's keys.
       rng_streams: names of the random streams passed to ``apply_fn``.
+      axis_name: the mapped axis (or axes) of the surrounding ``shard_map``,
+        ``pmap`` or ``vmap``; ``None`` on one device.
 
     Returns:
-      ``step(state, batch, key)``, to be wrapped in ``jax.jit``; ``metrics``
-      holds ``loss`` and whatever ``loss_fn`` returned.
+      ``step(state, batch, key)``, to be wrapped in ``jax.jit`` (inside the
+      mapping, with ``axis_name``); ``metrics`` holds ``loss`` and whatever
+      ``loss_fn`` returned (averaged over ``axis_name``).
+
+    Raises:
+      ValueError: when traced under ``shard_map``, if the updated parameters
+        differ across ``axis_name`` (``tx`` built without it).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -211,8 +316,12 @@ def train_step(
             return loss, (metrics, stats[0])
 
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
+        # Under shard_map, differentiating w.r.t. the replicated params would
+        # return the gradient summed over shards: take it at a varying copy.
         (loss, (metrics, clean_stats)), grads = value_and_grad(
-            state.params, clean_rngs)
+            parallel.to_varying(state.params, axis_name), clean_rngs)
+        if axis_name is not None:
+            loss, metrics = _replica_mean_floats((loss, metrics), axis_name)
         perturbed_stats: list = []
 
         def grad_fn(params):
@@ -237,9 +346,44 @@ def train_step(
                     "second gradient at every step: this one decides inside "
                     "`lax.cond`, where the perturbed pass's statistics cannot "
                     "be returned. Use batch_stats='clean'.")
+        if axis_name is not None:
+            new_stats = _replica_mean_floats(new_stats, axis_name)
+            _check_replicated(state.params, axis_name)
         return state.replace(batch_stats=new_stats), {"loss": loss, **metrics}
 
     return step
+
+
+def _replica_mean_floats(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Mean over ``axis_name`` of the inexact leaves (counters stay as they are).
+
+    A leaf that is already replicated (invariant under ``shard_map``) is cast
+    to varying first, as ``pmean`` requires.
+    """
+    def mean(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return x
+        return jax.lax.pmean(parallel.to_varying(x, axis_name), axis_name)
+
+    return jax.tree.map(mean, tree)
+
+
+def _check_replicated(params: PyTree, axis_name: AxisName) -> None:
+    """Under ``shard_map``, refuse parameters that differ across replicas."""
+    axes = set(parallel.tracked_axes(axis_name))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        aval = jax.typeof(leaf)
+        kind = getattr(aval, "manual_axis_type", None)
+        varying = set(kind.varying if kind is not None
+                      else getattr(aval, "vma", ()))
+        if axes & varying:
+            raise ValueError(
+                f"the updated parameter {jax.tree_util.keystr(path)} differs "
+                f"across the replicas of {sorted(axes & varying)}: build the "
+                f"optimizer with `axis_name={axis_name!r}` (e.g. "
+                f"`sam_optax.sam(base, rho, axis_name={axis_name!r})`; a plain "
+                "optax optimizer needs the gradient averaged over the axis "
+                "first), so that every replica applies the same update.")
 
 
 __all__ = ["BatchStatsPolicy", "DropoutKeyPolicy", "TrainState", "train_step"]

@@ -11,18 +11,20 @@ the perturbed one. This module moves the parameters off ε_t, applies
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import numerics, validation
+from sam_optax import masks, numerics, validation
 from sam_optax.core import (
     AxisName,
     SAMState,
     ScalarOrSchedule,
     find_sam_states,
+    find_states,
+    keep_if_base_rejected,
     replica_mean,
     zero_diagnostics,
 )
@@ -30,11 +32,22 @@ from sam_optax.core import (
 PyTree = Any
 
 
+class MomentumSAMState(NamedTuple):
+    """The ``ascent_state`` of :func:`momentum_sam`.
+
+    Attributes:
+      perturbation: ε_t, the perturbation the caller's parameters carry
+        (params' compute dtype: float32, or float64 for float64 params).
+    """
+
+    perturbation: PyTree
+
+
 def momentum_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.3,
     *,
-    mask: numerics.Mask = None,
+    mask: masks.Mask = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """MSAM: perturb along the optimizer's last update; one gradient a step.
@@ -53,6 +66,9 @@ def momentum_sam(
     The caller's parameters are :math:`\\tilde w_t = w_t + ε_t` throughout;
     the returned update is :math:`u_t - ε_t + ε_{t+1}`. Use
     :func:`msam_clean_params` to get :math:`w_t` for evaluation and export.
+    An update :math:`u_t` with an ``inf``/``NaN`` entry (from a non-finite
+    gradient) gives :math:`ε_{t+1} = 0`, never a NaN in the state. ρ is
+    kept in the params' compute dtype (float64 for float64 params).
 
     What ``base_tx`` must be: an optimizer whose update direction carries
     momentum. For ``optax.sgd(lr, momentum=μ)`` (optionally chained after
@@ -61,14 +77,15 @@ def momentum_sam(
     optimizers the direction is the preconditioned update, where the paper's
     AdamW variant uses the raw first moment. ``base_tx`` receives the clean
     parameters :math:`w_t` (weight decay acts on them). The state stores ε
-    (one float32 copy of the parameters).
+    (one copy of the parameters in float32, float64 for float64 params).
 
     Args:
       base_tx: a momentum optimizer, e.g. ``optax.sgd(0.1, momentum=0.9)``.
       rho: the radius ρ ≥ 0 (the paper uses larger values than SAM, ~0.3 for
         SGD), or a schedule of the step count.
-      mask: optional bool tree (or callable on params) of the leaves to
-        perturb.
+      mask: optional mask of the leaves to perturb (bool tree, prefix or
+        callable on params, see :mod:`sam_optax.masks`); the norm of the
+        update is taken over them only.
       axis_name: average the gradient over this mapped axis before
         ``base_tx``; ε derives from the (identical) update, so replicas stay
         identical and there is no per-shard perturbation to choose.
@@ -78,7 +95,8 @@ def momentum_sam(
       ``update(grads, state, params, *, grad_fn=None, **extra_args)``.
       ``grad_fn`` is accepted for the common contract and never called.
       The state is a :class:`~sam_optax.SAMState` whose ``ascent_state`` is
-      ε; :func:`sam_optax.diagnostics` works on it.
+      a :class:`MomentumSAMState` holding ε; :func:`sam_optax.diagnostics`
+      works on it.
 
     References:
       Becker, Altrock, Risse, Momentum-SAM: Sharpness Aware Minimization
@@ -87,15 +105,18 @@ def momentum_sam(
     validation.check_rho(rho)
     base_tx = validation.as_transformation(base_tx)
     validation.check_axis_name(axis_name, "axis_name")
-    validation.optional_mask_error(mask)
+    masks.check(mask, "mask")
 
     def init_fn(params: PyTree) -> SAMState:
-        numerics.resolve_mask(mask, params)  # fail early on a bad mask
+        masks.resolve(mask, params, "mask")  # fail early on a bad mask
+        base_state = base_tx.init(params)
+        if find_states(base_state, optax.MultiStepsState):
+            raise ValueError(_MULTISTEPS_INSIDE)
         return SAMState.create(
             count=jnp.zeros([], jnp.int32),
             rho=jnp.zeros([], jnp.float32),
-            base_state=base_tx.init(params),
-            ascent_state=numerics.zeros_like_compute(params),
+            base_state=base_state,
+            ascent_state=MomentumSAMState(numerics.zeros_like_compute(params)),
             descent_state=(),
             schedule_state=(),
             diagnostics=zero_diagnostics(),
@@ -111,16 +132,23 @@ def momentum_sam(
                 "`tx.update(grads, opt_state, params)`.")
         validation.check_same_structure(grads, params, "grads")
         count = state.count
-        rho_t = jnp.asarray(rho(count) if callable(rho) else rho, jnp.float32)
-        epsilon = state.ascent_state
+        rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
+        # At least float32; float64 (x64) stays float64, so ε of float64
+        # params is computed in float64 (normalize casts ρ to their dtype).
+        rho_t = rho_t.astype(jnp.promote_types(rho_t.dtype, jnp.float32))
+        # As in the core: a traced or scheduled ρ that is negative or NaN
+        # becomes 0 (NaN > 0 is False), never a flipped or NaN ε.
+        rho_t = jnp.where(rho_t > 0, rho_t, jnp.zeros_like(rho_t))
+        epsilon = state.ascent_state.perturbation
         grads = replica_mean(grads, axis_name)
         clean_params = numerics.add_perturbation(
             params, jax.tree.map(jnp.negative, epsilon))
         base_updates, base_state = base_tx.update(
             grads, state.base_state, clean_params, **extra_args)
         # ρ folds into the normalising factor: one multiply per element.
+        # A non-finite update gives ε = 0 (never a NaN in the state).
         new_epsilon, _ = numerics.safe_normalize(
-            base_updates, numerics.resolve_mask(mask, params), scale=rho_t)
+            base_updates, masks.resolve(mask, params, "mask"), scale=rho_t)
         updates = jax.tree.map(
             lambda u, e_old, e_new: (u.astype(e_new.dtype) - e_old + e_new
                                      ).astype(u.dtype)
@@ -133,11 +161,17 @@ def momentum_sam(
             perturbation_norm=numerics.plain_norm(epsilon),
             loss=(jnp.zeros([], jnp.float32) if value is None
                   else jnp.asarray(value, jnp.float32)))
+        # `msam(optax.apply_if_finite(base))` skipped a non-finite step: no
+        # move at all (not even back to w), ε and the count kept.
+        updates, new_epsilon, new_count = keep_if_base_rejected(
+            base_state,
+            (updates, new_epsilon, optax.safe_int32_increment(count)),
+            (jax.tree.map(jnp.zeros_like, updates), epsilon, count))
         new_state = SAMState.create(
-            count=optax.safe_int32_increment(count),
+            count=new_count,
             rho=rho_t,
             base_state=base_state,
-            ascent_state=new_epsilon,
+            ascent_state=MomentumSAMState(new_epsilon),
             descent_state=(),
             schedule_state=(),
             diagnostics=diagnostics,
@@ -147,13 +181,43 @@ def momentum_sam(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _perturbation(opt_state: Any) -> PyTree:
-    states = find_sam_states(opt_state)
-    if len(states) != 1:
+_MULTISTEPS_INSIDE = (
+    "`msam` cannot wrap `optax.MultiSteps`: between two base updates MSAM "
+    "would move the params back off ε at every micro-batch, so the "
+    "micro-batch gradients would not be taken at the perturbed point. "
+    "Accumulate outside instead: `optax.MultiSteps(sam_optax.msam(base, "
+    "rho), k)` is right for MSAM (every micro-batch gradient is taken at the "
+    "same perturbed params, and MSAM sees their mean).")
+
+
+def _perturbation(opt_state: Any, caller: str) -> PyTree:
+    """ε_t from the one MSAM state inside ``opt_state``."""
+    sam_states = find_sam_states(opt_state)
+    states = [s for s in sam_states
+              if isinstance(s.ascent_state, MomentumSAMState)]
+    if not states:
+        other = (f" (it holds {len(sam_states)} SAM state(s) of another "
+                 "variant, whose params are already the clean weights)"
+                 if sam_states else "")
         raise ValueError(
-            "expected exactly one MSAM state in `opt_state`, found "
-            f"{len(states)}.")
-    return states[0].ascent_state
+            f"`{caller}` needs the optimizer state of `sam_optax.msam(...)` "
+            f"(alone or inside a chain or wrapper); `opt_state` holds no MSAM "
+            f"state{other}. Pass the state returned by the MSAM `tx.init`/"
+            "`tx.update`.")
+    if len(states) > 1:
+        raise ValueError(
+            f"`{caller}`: `opt_state` holds {len(states)} MSAM states; pass "
+            "the sub-state of the MSAM transformation that perturbs these "
+            "params.")
+    return states[0].ascent_state.perturbation
+
+
+def _check_matches(params: PyTree, epsilon: PyTree, name: str) -> None:
+    if jax.tree.structure(params) != jax.tree.structure(epsilon):
+        raise ValueError(
+            f"`{name}` must have the tree structure of the params MSAM was "
+            f"initialised with.\n  MSAM's ε: {jax.tree.structure(epsilon)}"
+            f"\n  {name}: {jax.tree.structure(params)}")
 
 
 def msam_clean_params(params: PyTree, opt_state: Any) -> PyTree:
@@ -177,7 +241,8 @@ def msam_clean_params(params: PyTree, opt_state: Any) -> PyTree:
       >>> bool(loss_fn(clean) < 0.01)  # from 2.0 at the start
       True
     """
-    epsilon = _perturbation(opt_state)
+    epsilon = _perturbation(opt_state, "msam_clean_params")
+    _check_matches(params, epsilon, "params")
     return numerics.add_perturbation(params, jax.tree.map(jnp.negative, epsilon))
 
 
@@ -186,7 +251,10 @@ def msam_perturbed_params(clean_params: PyTree, opt_state: Any) -> PyTree:
 
     Use it to resume training from clean weights and an MSAM state.
     """
-    return numerics.add_perturbation(clean_params, _perturbation(opt_state))
+    epsilon = _perturbation(opt_state, "msam_perturbed_params")
+    _check_matches(clean_params, epsilon, "clean_params")
+    return numerics.add_perturbation(clean_params, epsilon)
 
 
-__all__ = ["momentum_sam", "msam_clean_params", "msam_perturbed_params"]
+__all__ = ["MomentumSAMState", "momentum_sam", "msam_clean_params",
+           "msam_perturbed_params"]

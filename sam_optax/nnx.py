@@ -11,6 +11,11 @@ The perturbed pass runs on a copy of the snapshot: it never mutates the
 model's ``BatchStat`` variables or its RNG counters. Taking the snapshot
 *before* the clean pass (as :func:`value_and_grad` does) gives the perturbed
 pass the clean pass's dropout masks and running statistics.
+
+Data parallelism: :func:`value_and_grad` with ``axis_name`` (inside
+``shard_map``, ``pmap`` or a ``vmap`` with that axis) returns each replica's
+local gradient (per-replica ε, m-sharpness) and averages the loss and the
+model's ``BatchStat`` variables over the axis.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
-from sam_optax import validation
+from sam_optax import parallel, validation
 
 PyTree = Any
+AxisName = Any  # a mapped axis name, a tuple of names, or None
 DropoutKeyPolicy = Literal["same", "folded"]
 
 # Folded into every RNG key of the snapshot for ``dropout_key="folded"``.
@@ -88,6 +94,7 @@ def value_and_grad(
     wrt: Any = nnx.Param,
     has_aux: bool = False,
     dropout_key: DropoutKeyPolicy = "same",
+    axis_name: AxisName = None,
 ) -> tuple[Any, PyTree, Callable[[PyTree], tuple[jax.Array, PyTree]]]:
     """The clean pass, its gradient, and the perturbed pass's ``grad_fn``.
 
@@ -97,8 +104,20 @@ def value_and_grad(
     that pass, so with ``dropout_key="same"`` the perturbed gradient sees the
     clean pass's dropout masks, and its own statistics are discarded.
 
+    With ``axis_name`` (data parallelism), ``grads`` is this replica's
+    **local** gradient -- under ``shard_map`` it is taken at a "varying" copy
+    of the parameters, since the gradient w.r.t. replicated ones comes back
+    summed over shards -- so a SAM optimizer built with the same
+    ``axis_name`` computes ε per replica (m-sharpness) and averages only the
+    perturbed gradient. The loss (not ``aux``) and the floating-point
+    ``BatchStat`` variables updated by the clean pass are averaged over the
+    axis, :math:`s \\leftarrow \\tfrac{1}{n}\\sum_r s^{(r)}`, so every
+    replica keeps the same model.
+
     Args:
       model, loss_fn, *args, wrt, has_aux, dropout_key: as :func:`grad_fn`.
+      axis_name: the mapped axis (or axes) of the surrounding ``shard_map``,
+        ``pmap`` or ``vmap``; ``None`` (default) on one device.
 
     Returns:
       ``(value, grads, grad_fn)`` with ``value`` the loss (or ``(loss, aux)``)
@@ -125,9 +144,33 @@ def value_and_grad(
     """
     perturbed = grad_fn(model, loss_fn, *args, wrt=wrt, has_aux=has_aux,
                         dropout_key=dropout_key)
-    value, grads = nnx.value_and_grad(
-        loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model, *args)
+    differentiate = nnx.value_and_grad(
+        loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+    if axis_name is None:
+        value, grads = differentiate(model, *args)
+        return value, grads, perturbed
+    replicated = nnx.as_pure(nnx.state(model, wrt))
+    varying = parallel.to_varying(replicated, axis_name)
+    if varying is not replicated:  # inside shard_map: a varying copy
+        nnx.update(model, varying)
+    value, grads = differentiate(model, *args)
+    if varying is not replicated:  # the optimizer updates the replicated w
+        nnx.update(model, replicated)
+    stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+    nnx.update(model, jax.tree.map(lambda x: _replica_mean(x, axis_name), stats))
+    if has_aux:
+        value = (_replica_mean(value[0], axis_name), value[1])
+    else:
+        value = _replica_mean(value, axis_name)
     return value, grads, perturbed
+
+
+def _replica_mean(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """``pmean`` of a floating-point array (cast to varying first, as
+    ``shard_map`` asks for a replicated one); other dtypes unchanged."""
+    if not jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact):
+        return x
+    return jax.lax.pmean(parallel.to_varying(x, axis_name), axis_name)
 
 
 __all__ = ["DropoutKeyPolicy", "grad_fn", "value_and_grad"]

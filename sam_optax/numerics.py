@@ -8,21 +8,38 @@ Everything that can produce a NaN lives here, written once:
   to ``1e31``), by power-of-two rescaling chosen branch-free; outside that
   range the direction is zero (below it, on a GPU that keeps subnormals,
   approximate), never a NaN;
+* a vector with an ``inf`` or ``NaN`` entry (on the selected leaves) has the
+  norm ``inf``/``NaN`` and the direction **zero**: every ascent then gives
+  ε = 0 on every leaf (not a NaN at the bad entries), so the second
+  gradient is taken at w itself and ``base_tx`` sees the same non-finite
+  gradient (which ``optax.apply_if_finite`` can skip). The diagnostics then
+  read ``perturbation_norm = 0`` and ``grad_norm = inf`` (or ``NaN``). The
+  check is a scalar predicate from the norm's own sums and a select fused
+  into the normalising pass: no extra pass over the parameters;
 * perturbations are computed in float32 and cast back to each leaf's dtype;
-* masks select which leaves take part (``True`` = selected); unselected leaves
-  get an exact zero and do not enter any norm.
+  leaves may be arrays or Python scalars;
+* masks select which leaves take part (``True`` = selected), as resolved by
+  :func:`sam_optax.masks.leaf_flags`; unselected leaves get an exact zero and
+  do not enter any norm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sam_optax import masks
 
 PyTree = Any
-Mask = Union[PyTree, Callable[[PyTree], PyTree], None]
+Mask = masks.Mask
+
+
+def leaf_dtype(x: Any) -> jnp.dtype:
+    """The dtype of a leaf: an array's own, a Python scalar's default one."""
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -32,48 +49,41 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 def is_float(x: Any) -> bool:
     """Whether a leaf takes part in perturbations (inexact dtype)."""
-    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    return jnp.issubdtype(leaf_dtype(x), jnp.inexact)
 
 
-def resolve_mask(mask: Mask, params: PyTree) -> PyTree | None:
-    """Turn a mask (bool tree, callable on params, or None) into a bool tree.
-
-    Raises:
-      ValueError: if the mask's tree does not match ``params``.
-    """
-    if mask is None:
-        return None
-    mask_tree = mask(params) if callable(mask) else mask
-    params_struct = jax.tree.structure(params)
-    try:
-        leaves = params_struct.flatten_up_to(mask_tree)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            "`mask` must be a tree of bools with the same structure as params "
-            f"(or a callable returning one); params have structure "
-            f"{params_struct} but the mask has structure "
-            f"{jax.tree.structure(mask_tree)}.") from err
-    for leaf in leaves:
-        if not isinstance(leaf, (bool, jax.Array)) and not hasattr(leaf, "dtype"):
-            raise ValueError(
-                "`mask` leaves must be Python bools (or boolean arrays); got "
-                f"{type(leaf).__name__}.")
-    return params_struct.unflatten(leaves)
+def as_compute(x: Any) -> jax.Array:
+    """A float leaf as an array in its compute dtype."""
+    return jnp.asarray(x).astype(compute_dtype(leaf_dtype(x)))
 
 
-def _selected(tree: PyTree, mask_tree: PyTree | None) -> list:
+def _zeros_compute(x: Any) -> jax.Array:
+    """Zeros shaped like ``x`` in its compute dtype (float32 for non-floats)."""
+    dtype = compute_dtype(leaf_dtype(x)) if is_float(x) else jnp.float32
+    return jnp.zeros(np.shape(x), dtype)
+
+
+def _flags(tree: PyTree, mask: Mask) -> list[bool]:
+    """Per leaf of ``tree``: selected by the mask and of a float dtype."""
+    return [keep and is_float(x) for x, keep in zip(
+        jax.tree.leaves(tree), masks.leaf_flags(mask, tree), strict=True)]
+
+
+def _selected(tree: PyTree, mask: Mask) -> list:
     """Leaves of ``tree`` that take part: float leaves that the mask selects."""
-    leaves = jax.tree.leaves(tree)
-    if mask_tree is None:
-        flags = [True] * len(leaves)
-    else:
-        flags = jax.tree.structure(tree).flatten_up_to(mask_tree)
-    return [x for x, keep in zip(leaves, flags) if keep is not False and is_float(x)]
+    return [jnp.asarray(x) for x, keep in zip(jax.tree.leaves(tree),
+                                              _flags(tree, mask), strict=True)
+            if keep]
 
 
-def sum_of_squares(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
-    """Σ x² over the selected float leaves, accumulated in float32 (or wider)."""
-    leaves = _selected(tree, mask_tree)
+def sum_of_squares(tree: PyTree, mask: Mask = None) -> jax.Array:
+    """Σ x² over the selected float leaves, accumulated in float32 (or wider).
+
+    ``mask`` (here and below): ``None``, or a mask resolved against the params
+    by :func:`sam_optax.masks.resolve` (a callable would be applied to
+    ``tree``, not to the params).
+    """
+    leaves = _selected(tree, mask)
     acc_dtype = jnp.float32
     for x in leaves:
         acc_dtype = jnp.promote_types(acc_dtype, x.dtype)
@@ -104,7 +114,7 @@ _UP = 2.0 ** 60
 _DOWN = 2.0 ** -40
 
 
-def _two_sums_of_squares(tree: PyTree, mask_tree: PyTree | None,
+def _two_sums_of_squares(tree: PyTree, mask: Mask,
                          up: jax.Array, down: jax.Array
                          ) -> tuple[jax.Array, jax.Array]:
     """(Σ(x·up)², Σ(x·down)²) in one pass over each leaf.
@@ -115,7 +125,7 @@ def _two_sums_of_squares(tree: PyTree, mask_tree: PyTree | None,
     MLP's 0.67 M parameters).
     """
     up_total = down_total = jnp.zeros([], up.dtype)
-    for x in _selected(tree, mask_tree):
+    for x in _selected(tree, mask):
         x = x.astype(up.dtype)
         if x.size == 0:
             continue
@@ -124,32 +134,49 @@ def _two_sums_of_squares(tree: PyTree, mask_tree: PyTree | None,
     return up_total, down_total
 
 
-def _norm_factors(tree: PyTree, mask_tree: PyTree | None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Scalars ``(norm, a, b)`` with ``tree / norm == (tree * a) * b``.
+class NormFactors(NamedTuple):
+    """Scalars with ``tree / norm == (tree * pre) * post`` where ``usable``.
 
-    Branch-free: the two rescaled sums of squares come from one fused pass
-    over the data and ``jnp.where`` on scalars picks the one in range. No
-    ``lax.cond``, whose predicate costs a device-to-host sync on GPU. A zero
-    tree (or one whose norm is below ~1e-33) gives ``norm = 0`` and ``b = 0``:
-    a zero direction, never a NaN; past ~1e31 the norm is ``inf`` and the
-    direction again zero.
+    Attributes:
+      norm: ‖tree‖₂ over the selected leaves: 0 below the range, ``inf``
+        above it or for an ``inf`` entry, ``NaN`` for a ``NaN`` entry.
+      pre: the power-of-two rescaling (exact).
+      post: ``1 / (norm · pre)`` where ``usable``, else 0.
+      usable: whether the direction is defined (``0 < norm < ∞``, every
+        selected entry finite); where not, every direction is exactly 0.
+    """
+
+    norm: jax.Array
+    pre: jax.Array
+    post: jax.Array
+    usable: jax.Array
+
+
+def _norm_factors(tree: PyTree, mask: Mask) -> NormFactors:
+    """The :class:`NormFactors` of ``tree``, branch-free.
+
+    The two rescaled sums of squares come from one fused pass over the data
+    and ``jnp.where`` on scalars picks the one in range. No ``lax.cond``,
+    whose predicate costs a device-to-host sync on GPU. A zero tree (or one
+    whose norm is below ~1e-33) gives ``norm = 0`` and ``post = 0``: a zero
+    direction, never a NaN; past ~1e31 the norm is ``inf`` and the direction
+    again zero. An ``inf`` or ``NaN`` entry makes both sums non-finite, so
+    ``usable`` is False: the same scalar predicate, no extra pass.
     """
     dtype = jnp.float32
-    for x in _selected(tree, mask_tree):
+    for x in _selected(tree, mask):
         dtype = jnp.promote_types(dtype, x.dtype)
     # The barrier hides the constants from XLA's simplifier, which would
     # otherwise fold (x·2⁶⁰)² into x²·2¹²⁰ and undo the rescaling.
     up_factor, down_factor = jax.lax.optimization_barrier(
         (jnp.asarray(_UP, dtype), jnp.asarray(_DOWN, dtype)))
-    up_sum, down_sum = _two_sums_of_squares(tree, mask_tree, up_factor,
-                                            down_factor)
+    up_sum, down_sum = _two_sums_of_squares(tree, mask, up_factor, down_factor)
     use_up = jnp.isfinite(up_sum)
     pre = jnp.where(use_up, _UP, _DOWN).astype(dtype)
     scaled_norm = jnp.sqrt(jnp.where(use_up, up_sum, down_sum))
     usable = (scaled_norm > 0) & jnp.isfinite(scaled_norm)
     post = jnp.where(usable, 1.0 / jnp.where(usable, scaled_norm, 1.0), 0.0)
-    return scaled_norm / pre, pre, post.astype(dtype)
+    return NormFactors(scaled_norm / pre, pre, post.astype(dtype), usable)
 
 
 def plain_norm(tree: PyTree) -> jax.Array:
@@ -158,23 +185,54 @@ def plain_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum_of_squares(tree)).astype(jnp.float32)
 
 
-def global_norm(tree: PyTree, mask_tree: PyTree | None = None) -> jax.Array:
-    """‖tree‖₂ over the selected leaves; exact even when squares underflow."""
-    return _norm_factors(tree, mask_tree)[0]
+def global_norm(tree: PyTree, mask: Mask = None) -> jax.Array:
+    """‖tree‖₂ over the selected leaves; exact even when squares underflow.
 
-
-def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None,
-                   scale: jax.Array | float | None = None
-                   ) -> tuple[PyTree, jax.Array]:
-    """Return ``(scale · tree / ‖tree‖, ‖tree‖)`` in float32 (or wider).
-
-    A zero (or all-unselected) tree gives a zero direction and norm 0, never a
-    NaN; tiny (1e-30) and huge (1e30) trees keep their exact direction.
-    Unselected and non-float leaves come back as zeros of the leaf's compute
-    dtype. ``scale`` (e.g. ρ) is folded into the scalar factors, so it costs
-    nothing per element.
+    ``inf`` for norms above ~1e31 or an ``inf`` entry, ``NaN`` for a ``NaN``
+    entry (what the diagnostics report as ``grad_norm``).
     """
-    norm, pre, post = _norm_factors(tree, mask_tree)
+    return _norm_factors(tree, mask).norm
+
+
+class Normalized(NamedTuple):
+    """The result of :func:`normalize`.
+
+    Attributes:
+      direction: ``scale · tree / ‖tree‖`` on the selected float leaves,
+        zeros elsewhere, in each leaf's compute dtype; all zero where not
+        ``usable``.
+      norm: ‖tree‖₂ over the selected leaves (see :class:`NormFactors`).
+      usable: scalar bool, whether ``direction`` is the normalised tree
+        (the norm is in range and every selected entry finite) rather than
+        zero.
+    """
+
+    direction: PyTree
+    norm: jax.Array
+    usable: jax.Array
+
+
+def normalize(tree: PyTree, mask: Mask = None,
+              scale: jax.Array | float | None = None) -> Normalized:
+    """``scale · tree / ‖tree‖`` in float32 (or wider), safe everywhere.
+
+    .. math::
+
+      \\mathrm{direction} = \\begin{cases}
+        s \\, x / \\lVert x \\rVert_2 & 0 < \\lVert x \\rVert_2 < ∞
+          \\text{ (range 1e-33..1e31), } x \\text{ finite} \\\\
+        0 & \\text{otherwise}
+      \\end{cases}
+
+    A zero (or all-unselected) tree gives a zero direction and norm 0, never
+    a NaN; tiny (1e-30) and huge (1e30) trees keep their exact direction; a
+    tree with an ``inf``/``NaN`` entry gives a zero direction. Unselected and
+    non-float leaves come back as zeros of the leaf's compute dtype. ``scale``
+    (e.g. ρ) is folded into the scalar factors, so it costs nothing per
+    element.
+    """
+    factors = _norm_factors(tree, mask)
+    pre, post, usable = factors.pre, factors.post, factors.usable
     # Two multiplications, not one by pre·post: for norms above ~8e37 the
     # product 1/‖tree‖ is a float32 subnormal, which XLA flushes to zero.
     # Both are fused into the same elementwise loop, so the second is free.
@@ -182,21 +240,43 @@ def safe_normalize(tree: PyTree, mask_tree: PyTree | None = None,
         post = post * jnp.asarray(scale).astype(post.dtype)
 
     def direction(x, keep):
-        if not is_float(x) or keep is False:
-            dtype = compute_dtype(x.dtype) if is_float(x) else jnp.float32
-            return jnp.zeros(jnp.shape(x), dtype)
-        xc = x.astype(compute_dtype(x.dtype))
-        return (xc * pre.astype(xc.dtype)) * post.astype(xc.dtype)
+        if not keep:
+            return _zeros_compute(x)
+        xc = as_compute(x)
+        # post = 0 alone would leave inf·0 = NaN at a non-finite entry: the
+        # select (fused into the same loop) makes the whole direction 0.
+        return jnp.where(usable, (xc * pre.astype(xc.dtype))
+                         * post.astype(xc.dtype), jnp.zeros([], xc.dtype))
 
-    unit = jax.tree.map(direction, tree, mask_flags(tree, mask_tree))
-    return unit, norm
+    leaves, treedef = jax.tree.flatten(tree)
+    unit = treedef.unflatten([direction(x, keep) for x, keep in zip(
+        leaves, _flags(tree, mask), strict=True)])
+    return Normalized(unit, factors.norm, usable)
 
 
-def mask_flags(tree: PyTree, mask_tree: PyTree | None) -> PyTree:
-    """The resolved mask, or all-``True`` flags shaped like ``tree``."""
-    if mask_tree is None:
-        return jax.tree.map(lambda _: True, tree)
-    return mask_tree
+def safe_normalize(tree: PyTree, mask: Mask = None,
+                   scale: jax.Array | float | None = None
+                   ) -> tuple[PyTree, jax.Array]:
+    """``(direction, norm)`` of :func:`normalize`."""
+    result = normalize(tree, mask, scale)
+    return result.direction, result.norm
+
+
+def all_finite(tree: PyTree, mask: Mask = None) -> jax.Array:
+    """Scalar bool: every selected float entry is finite (True if none)."""
+    ok = jnp.ones([], jnp.bool_)
+    for x in _selected(tree, mask):
+        ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
+
+
+def select_leaves(tree: PyTree, mask: Mask = None) -> PyTree:
+    """``tree`` in the compute dtype on the selected float leaves, exact
+    zeros (compute dtype) on the others."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([as_compute(x) if keep else _zeros_compute(x)
+                              for x, keep in zip(leaves, _flags(tree, mask),
+                                                 strict=True)])
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -205,26 +285,30 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         if not (is_float(x) and is_float(y)):
             continue
-        dtype = jnp.promote_types(compute_dtype(x.dtype), y.dtype)
+        dtype = jnp.promote_types(compute_dtype(leaf_dtype(x)), leaf_dtype(y))
         total = total.astype(jnp.promote_types(total.dtype, dtype))
-        total = total + jnp.sum(x.astype(dtype) * y.astype(dtype))
+        total = total + jnp.sum(jnp.asarray(x).astype(dtype)
+                                * jnp.asarray(y).astype(dtype))
     return total
 
 
 def cosine_similarity(a: PyTree, b: PyTree) -> jax.Array:
     """cos∠(a, b) over the whole tree; 0 when either side is zero."""
-    _, pre_a, post_a = _norm_factors(a, None)
-    _, pre_b, post_b = _norm_factors(b, None)
+    _, pre_a, post_a, _ = _norm_factors(a, None)
+    _, pre_b, post_b, _ = _norm_factors(b, None)
     # Rescale before the dot product so it cannot under- or overflow.
     dot = tree_vdot(scale_tree(a, pre_a), scale_tree(b, pre_b))
     return jnp.clip(dot * post_a * post_b, -1.0, 1.0)
 
 
-def scale_tree(tree: PyTree, factor: jax.Array) -> PyTree:
+def scale_tree(tree: PyTree, factor: jax.Array | float) -> PyTree:
     """``factor * tree`` computed in the compute dtype (no cast back)."""
-    return jax.tree.map(
-        lambda x: x.astype(compute_dtype(x.dtype)) * factor.astype(
-            compute_dtype(x.dtype)) if is_float(x) else x, tree)
+    def scale(x):
+        if not is_float(x):
+            return x
+        xc = as_compute(x)
+        return xc * jnp.asarray(factor).astype(xc.dtype)
+    return jax.tree.map(scale, tree)
 
 
 def add_perturbation(params: PyTree, perturbation: PyTree) -> PyTree:
@@ -232,19 +316,21 @@ def add_perturbation(params: PyTree, perturbation: PyTree) -> PyTree:
     def add(p, e):
         if not is_float(p):
             return p
-        wide = compute_dtype(p.dtype)
-        return (p.astype(wide) + e.astype(wide)).astype(p.dtype)
+        wide = as_compute(p)
+        return (wide + jnp.asarray(e).astype(wide.dtype)).astype(leaf_dtype(p))
     return jax.tree.map(add, params, perturbation)
 
 
 def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
     """Cast each float leaf of ``tree`` to the dtype of ``reference``'s leaf."""
     return jax.tree.map(
-        lambda x, r: x.astype(r.dtype) if is_float(r) else x, tree, reference)
+        lambda x, r: jnp.asarray(x).astype(leaf_dtype(r)) if is_float(r) else x,
+        tree, reference)
 
 
 def zeros_like_compute(tree: PyTree) -> PyTree:
-    """Zeros shaped like ``tree`` in each leaf's compute dtype."""
+    """Zeros shaped like ``tree`` in each leaf's compute dtype (and zeros of
+    the leaf's own dtype for non-float leaves)."""
     return jax.tree.map(
-        lambda x: jnp.zeros(x.shape, compute_dtype(x.dtype))
-        if is_float(x) else jnp.zeros_like(x), tree)
+        lambda x: _zeros_compute(x) if is_float(x)
+        else jnp.zeros(np.shape(x), leaf_dtype(x)), tree)

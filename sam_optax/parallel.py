@@ -19,7 +19,9 @@ averaged over ``axis_name`` before ``base_tx``. The four ways to run it:
   examples and ``vmap``s over them with an axis name (m-sharpness without
   extra devices).
 
-All four run the same per-shard body, :func:`train_step`.
+All four run the same per-shard body, :func:`train_step`, and refuse (with a
+``ValueError`` naming both axes and the fix) a transformation built without
+the step's axis, whose replicas would drift apart, or for another axis.
 
 References:
   Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for
@@ -32,6 +34,7 @@ References:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
@@ -170,21 +173,141 @@ def _check_replicated(updates: PyTree, opt_state: PyTree,
     axes = set(tracked_axes(axis_name))
     if not axes:
         return
-    for name, tree, fix in (
-            ("updates", updates,
-             "build the transformation with the same `axis_name` as the step "
-             "(e.g. `sam_optax.sam(base, rho, axis_name=...)`), so that the "
-             "second gradient is averaged over shards"),
-            ("optimizer state", opt_state,
-             "this transformation keeps per-shard state (it depends on the "
-             "local gradient); run it under `jax.pmap`, which keeps one state "
-             "per device, or share ε over the axis (`sync_perturbation=True`"
-             " or `perturbation_axis_name=` where the variant offers them)")):
+    for name, tree, fix in (("updates", updates, _updates_fix(axis_name)),
+                            ("optimizer state", opt_state, _PER_SHARD_STATE_FIX)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if axes & _varying_axes(leaf):
+                leaf_name = f" leaf {jax.tree_util.keystr(path)}" if path else ""
+                verb = "differ" if name == "updates" and not path else "differs"
                 raise ValueError(
-                    f"{name} leaf {jax.tree_util.keystr(path)} differs across "
-                    f"shards of {sorted(axes)}: {fix}.")
+                    f"the {name}{leaf_name} {verb} across shards of "
+                    f"{sorted(axes)}: {fix}.")
+
+
+# ------------------------------------------ a transformation for another axis
+# A SAM transformation averages over the axis it was built with. Built with
+# none, each shard applies its own update: shard_map sees it in the types
+# (`_check_replicated`), vmap refuses the unbatched output, pmap sees nothing
+# and the replicas drift apart. Built with another axis, JAX fails on the
+# unbound name: a NameError under vmap and pmap (that points to shard_map), a
+# bare AssertionError under shard_map. The helpers below turn both into one
+# ValueError naming the two axes, and `_probe_axes` traces the per-shard body
+# under vmap (no devices, no compilation) where the context says nothing.
+
+_PER_SHARD_STATE_FIX = (
+    "this transformation keeps per-shard state (it depends on the local "
+    "gradient); run it under `jax.pmap`, which keeps one state per device, "
+    "or share ε over the axis (`sync_perturbation=True` or "
+    "`perturbation_axis_name=` where the variant offers them)")
+
+# JAX names the axis: "Found an unbound axis name: data. To fix ..." from a
+# collective, "unbound axis name: data" from the axis environment.
+_UNBOUND_AXIS = re.compile(r"unbound axis name: (\S+?)\.?(?=\s|$)")
+
+
+def _updates_fix(axis_name: AxisName) -> str:
+    return ("build the transformation with the step's axis, "
+            f"`axis_name={axis_name!r}` (e.g. `sam_optax.sam(base, rho, "
+            f"axis_name={axis_name!r})`), so that the second gradient is "
+            "averaged over it and every replica applies the same update")
+
+
+def _mismatch_error(tx_axis: str, axis_name: AxisName, where: str
+                    ) -> ValueError:
+    return ValueError(
+        f"the transformation averages over the axis {tx_axis!r} (its "
+        f"`axis_name` or `perturbation_axis_name`), but {where} maps over "
+        f"{axis_name!r} only, where {tx_axis!r} does not exist: build the "
+        f"transformation with `axis_name={axis_name!r}`, or build the step "
+        f"with `axis_name={tx_axis!r}` (for a mesh step, a mesh axis of that "
+        "name).")
+
+
+def _explain_axis_error(err: Exception, axis_name: AxisName, where: str,
+                        differs: Optional[str]) -> Optional[ValueError]:
+    """JAX's error for a transformation built for another axis (or none) as
+    a ValueError naming both axes and the fix; ``None`` for any other error.
+
+    Args:
+      err: raised while tracing the per-shard body under ``axis_name``.
+      axis_name: the step's mapped axis (or axes).
+      where: the step builder, for the message.
+      differs: the message for an output that varies over a ``vmap`` axis
+        with ``out_axes=None`` (``None``: no such output in this trace).
+    """
+    if isinstance(err, NameError):
+        match = _UNBOUND_AXIS.search(str(err))
+        if match is not None:
+            return _mismatch_error(match.group(1), axis_name, where)
+    elif (isinstance(err, ValueError) and differs is not None
+          and "out_axes is None" in str(err)):
+        return ValueError(differs)
+    return None
+
+
+def _vmapped_body(tx: optax.GradientTransformation, loss_fn: LossFn,
+                  axis_name: AxisName, axis_sizes: dict[str, Optional[int]], *,
+                  batch_axis: Optional[int], state_axis: Optional[int]
+                  ) -> Step:
+    """:func:`train_step` under one ``vmap`` per named axis (outermost first).
+
+    Params are shared (``in_axes=None``) and must come out unbatched
+    (``out_axes=None``): vmap refuses updates that differ over an axis.
+    """
+    body = train_step(tx, loss_fn, axis_name=axis_name)
+    for axis, size in reversed(axis_sizes.items()):
+        body = jax.vmap(body, in_axes=(None, None, batch_axis),
+                        out_axes=(None, state_axis, None), axis_name=axis,
+                        axis_size=size)
+    return body
+
+
+def _shape(x: Any, shape: Optional[tuple[int, ...]] = None
+           ) -> jax.ShapeDtypeStruct:
+    """The abstract value of ``x`` (with ``shape`` instead of its own)."""
+    return jax.ShapeDtypeStruct(np.shape(x) if shape is None else shape,
+                                jnp.result_type(x))
+
+
+def _probe_axes(tx: optax.GradientTransformation, loss_fn: LossFn,
+                axis_name: AxisName, axis_sizes: dict[str, int],
+                args: tuple[PyTree, PyTree, PyTree], *, batch_axis: Optional[int],
+                where: str) -> None:
+    """Trace the per-shard body under vmap to check the tx's axis names.
+
+    ``args`` are the per-shard ``(params, opt_state, batch)`` (arrays or
+    shapes), the batch with leading axes of ``axis_sizes`` when
+    ``batch_axis=0``. Only ``jax.eval_shape``: nothing is compiled or run.
+
+    Raises:
+      ValueError: if the transformation averages over an axis the step does
+        not map over, or (``batch_axis=0``) its updates differ across the
+        step's axis (built without it). Any other error of this trace is left
+        to the real one (e.g. ``axis_index_groups`` exist under pmap only).
+    """
+    body = _vmapped_body(tx, loss_fn, axis_name, axis_sizes,
+                         batch_axis=batch_axis, state_axis=0)
+    try:
+        jax.eval_shape(body, *jax.tree.map(_shape, args))
+    except Exception as err:  # noqa: BLE001 -- only our two cases are ours
+        explained = _explain_axis_error(
+            err, axis_name, where,
+            f"the updates differ across the replicas of {axis_name!r}: "
+            f"{_updates_fix(axis_name)}; without it each replica applies "
+            "its own update and the replicas drift apart.")
+        if explained is not None:
+            raise explained from err
+
+
+def _check_mesh_axes(mesh: jax.sharding.Mesh, axis_name: AxisName,
+                     where: str) -> None:
+    missing = [a for a in _axes(axis_name) if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"`axis_name` {axis_name!r} of {where} names {missing}, which the "
+            f"mesh does not have (its axes: {tuple(mesh.axis_names)}): pass "
+            "the mesh axis the batch is split over, and build the "
+            "transformation with the same `axis_name`.")
 
 
 def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
@@ -194,6 +317,17 @@ def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     ``params`` and ``opt_state`` carry a leading device axis (see
     :func:`replicate`), ``batch`` leaves are ``(devices, m, ...)``. Replicas
     stay identical: every device applies the same averaged update.
+
+    ``pmap`` does not type values as varying or replicated, so a ``tx``
+    built without ``axis_name`` would run and let the replicas drift apart.
+    The first call therefore traces one replica's step under ``jax.vmap``
+    (``jax.eval_shape``: nothing is compiled) to check that the updates are
+    averaged over ``axis_name`` and that the transformation uses no other
+    axis.
+
+    Raises:
+      ValueError: at the first call, if ``tx`` was built without
+        ``axis_name`` or with another axis name (naming both).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -215,9 +349,27 @@ def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     # Inputs placed as pmap places its outputs: one compilation, not two.
     sharding = NamedSharding(
         jax.sharding.Mesh(np.asarray(devices), (axis_name,)), P(axis_name))
+    where = "`pmap_step`"
+    probed: list = []
 
     def step(params, opt_state, batch):
-        return mapped(*jax.device_put((params, opt_state, batch), sharding))
+        if not probed:
+            # pmap tracks no varying/invariant types: a transformation built
+            # without the axis would run, each replica applying its own
+            # update. Check once, by tracing one replica's body under vmap.
+            replica = jax.tree.map(lambda x: _shape(x, np.shape(x)[1:]),
+                                   (params, opt_state))
+            size = np.shape(jax.tree.leaves(batch)[0])[0]
+            _probe_axes(tx, loss_fn, axis_name, {axis_name: size},
+                        (*replica, batch), batch_axis=0, where=where)
+            probed.append(True)
+        try:
+            return mapped(*jax.device_put((params, opt_state, batch), sharding))
+        except NameError as err:
+            explained = _explain_axis_error(err, axis_name, where, None)
+            if explained is None:
+                raise
+            raise explained from err
 
     step.mapped = mapped
     return step
@@ -254,11 +406,48 @@ def shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+    Raises:
+      ValueError: when built, if ``axis_name`` is not an axis of ``mesh``;
+        when traced, if ``tx`` was built without ``axis_name`` (its updates
+        differ across shards) or with an axis the step does not map over
+        (the message names both).
     """
+    return _shard_map_step(tx, loss_fn, mesh, axis_name, batch_spec=batch_spec,
+                           where="`shard_map_step`")
+
+
+def _shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
+                    mesh: jax.sharding.Mesh, axis_name: AxisName, *,
+                    batch_spec: Optional[P], where: str) -> Step:
+    """:func:`shard_map_step`; ``where`` names the public builder in errors."""
+    _check_mesh_axes(mesh, axis_name, where)
     batch_spec = P(axis_name) if batch_spec is None else batch_spec
-    return jax.shard_map(train_step(tx, loss_fn, axis_name=axis_name),
-                         mesh=mesh, in_specs=(P(), P(), batch_spec),
-                         out_specs=(P(), P(), P()))
+    sharded = jax.shard_map(train_step(tx, loss_fn, axis_name=axis_name),
+                            mesh=mesh, in_specs=(P(), P(), batch_spec),
+                            out_specs=(P(), P(), P()))
+
+    def step(params, opt_state, batch):
+        try:
+            return sharded(params, opt_state, batch)
+        except (AssertionError, NameError) as err:
+            # A collective over an axis the mesh lacks fails inside shard_map
+            # with a bare AssertionError: retrace under vmap, which names it.
+            explained = _explain_axis_error(err, axis_name, where, None)
+            if explained is not None:
+                raise explained from err
+            try:
+                shard = NamedSharding(mesh, batch_spec)
+                local = jax.tree.map(
+                    lambda x: _shape(x, shard.shard_shape(np.shape(x))), batch)
+            except Exception:  # noqa: BLE001 -- no diagnosis: the original
+                raise err from None
+            _probe_axes(tx, loss_fn, axis_name, dict(mesh.shape),
+                        (params, opt_state, local), batch_axis=None,
+                        where=where)
+            raise
+
+    return step
 
 
 def data_mesh(axis_name: str = "data", devices: Optional[Sequence[Any]] = None
@@ -299,6 +488,10 @@ def data_parallel_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     Returns:
       a jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
 
+    Raises:
+      ValueError: as :func:`shard_map_step` (an ``axis_name`` the mesh lacks,
+        a ``tx`` built without the step's axis or with another one).
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> from sam_optax import parallel
@@ -313,9 +506,12 @@ def data_parallel_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       1.0
     """
     mesh = data_mesh(axis_name) if mesh is None else mesh
+    where = "`data_parallel_step`"
+    _check_mesh_axes(mesh, axis_name, where)
     shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P()),
                  NamedSharding(mesh, P(axis_name)))
-    jitted = jax.jit(shard_map_step(tx, loss_fn, mesh, axis_name),
+    jitted = jax.jit(_shard_map_step(tx, loss_fn, mesh, axis_name,
+                                     batch_spec=None, where=where),
                      in_shardings=shardings, out_shardings=shardings[0],
                      donate_argnums=(0, 1) if donate else ())
 
@@ -375,6 +571,11 @@ def chunked_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``; wrap it
       in ``jax.jit``.
 
+    Raises:
+      ValueError: when traced, if the updates or the state differ across
+        chunks (``tx`` built without ``axis_name``, or keeping per-shard
+        state), or if ``tx`` uses another axis name (the message names both).
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> from sam_optax import parallel
@@ -389,22 +590,22 @@ def chunked_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     """
     if not isinstance(axis_name, str):
         raise ValueError(f"`axis_name` must be a string; got {axis_name!r}.")
-    body = jax.vmap(train_step(tx, loss_fn, axis_name=axis_name),
-                    in_axes=(None, None, 0), out_axes=None, axis_name=axis_name)
+    body = _vmapped_body(tx, loss_fn, axis_name, {axis_name: None},
+                         batch_axis=0, state_axis=None)
+    where = "`chunked_step`"
+    differs = (
+        "the updates or the optimizer state differ across chunks. If the "
+        f"updates do: {_updates_fix(axis_name)}. If the state does: "
+        f"{_PER_SHARD_STATE_FIX}.")
 
     def step(params, opt_state, batch):
         try:
             return body(params, opt_state, split_into_chunks(batch, chunk_size))
-        except ValueError as err:
-            if "out_axes" not in str(err):
+        except (NameError, ValueError) as err:
+            explained = _explain_axis_error(err, axis_name, where, differs)
+            if explained is None:
                 raise
-            raise ValueError(
-                "the updates or the optimizer state differ across chunks: "
-                "build the transformation with "
-                f"`axis_name={axis_name!r}` (so the second gradient is "
-                "averaged over chunks); a transformation that keeps per-shard "
-                "state (it depends on the local gradient) needs `jax.pmap`."
-            ) from err
+            raise explained from err
 
     # Validate eagerly what is known now, so a bad m fails at construction.
     split_into_chunks({"probe": np.zeros((chunk_size,))}, chunk_size)

@@ -148,10 +148,13 @@ def gsam_rho_schedule(learning_rate: optax.Schedule, *, lr_max: float,
 
     .. math::
 
-      ρ_t = ρ_{min} + (ρ_{max} - ρ_{min})
-            \\frac{η_t - η_{min}}{η_{max} - η_{min}}
+      ρ_t = ρ_{min} + (ρ_{max} - ρ_{min}) \\,
+            \\mathrm{clip}\\Big(\\frac{η_t - η_{min}}{η_{max} - η_{min}},
+            0, 1\\Big)
 
-    so that ρ decays with the learning rate (e.g. a cosine or linear decay).
+    so that ρ decays with the learning rate (e.g. a cosine or linear decay);
+    a learning rate outside ``[lr_min, lr_max]`` gives ``rho_min`` or
+    ``rho_max``, never a negative ρ. Computed in float64 when x64 is on.
 
     Args:
       learning_rate: the Optax schedule of ``base_tx``'s learning rate.
@@ -189,11 +192,17 @@ def gsam_rho_schedule(learning_rate: optax.Schedule, *, lr_max: float,
         raise ValueError(
             f"`rho_max` must be >= `rho_min`; got rho_max={rho_max}, "
             f"rho_min={rho_min}.")
-    slope = (float(rho_max) - float(rho_min)) / (float(lr_max) - float(lr_min))
+    lr_max, lr_min = float(lr_max), float(lr_min)
+    rho_max, rho_min = float(rho_max), float(rho_min)
 
     def schedule(count):
-        lr = jnp.asarray(learning_rate(count), jnp.float32)
-        return rho_min + slope * (lr - lr_min)
+        lr = jnp.asarray(learning_rate(count))
+        lr = lr.astype(jnp.promote_types(lr.dtype, jnp.float32))  # f64 in x64
+        # A learning rate outside [lr_min, lr_max] (a warm-up above the peak,
+        # a decay below the floor) clamps ρ to [rho_min, rho_max]: never a
+        # negative ρ.
+        fraction = jnp.clip((lr - lr_min) / (lr_max - lr_min), 0.0, 1.0)
+        return rho_min + (rho_max - rho_min) * fraction
 
     return schedule
 

@@ -49,7 +49,8 @@ _BATCHES_DOC = """batches: ``None`` when ``loss_fn(params)`` takes the params on
 
 
 def _fill_batches_doc(fn: Callable) -> None:
-    fn.__doc__ = fn.__doc__.replace("{batches}", _BATCHES_DOC)
+    if fn.__doc__ is not None:  # None under `python -OO`
+        fn.__doc__ = fn.__doc__.replace("{batches}", _BATCHES_DOC)
 
 
 class EigenResult(NamedTuple):

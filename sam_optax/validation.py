@@ -9,15 +9,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
-from typing import Any, Optional
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 
 def _is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def static_hint(name: str) -> str:
+    """The fix for a hyperparameter that must be a Python value but arrived as
+    a JAX array, as ``optax.inject_hyperparams`` makes every numeric one."""
+    return (f" `{name}` fixes the program's structure, so it must be a Python "
+            "value, not a JAX array: under `optax.inject_hyperparams` mark it "
+            f"static, e.g. `optax.inject_hyperparams(constructor, "
+            f"static_args=('{name}',))(...)`.")
+
+
+def _is_real_scalar_dtype(dtype: Any) -> bool:
+    # jnp's dtype tree knows bfloat16 (ml_dtypes); numpy's does not.
+    return (jnp.issubdtype(dtype, jnp.integer)
+            or jnp.issubdtype(dtype, jnp.floating))
 
 
 def check_nonnegative_scalar_or_schedule(value: Any, name: str) -> None:
@@ -33,9 +49,13 @@ def check_nonnegative_scalar_or_schedule(value: Any, name: str) -> None:
     if _is_traced(value):
         return
     array = np.asarray(value)
-    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    if array.shape != ():
         raise ValueError(
             f"`{name}` must be a scalar; got an array of shape {array.shape}.")
+    if not _is_real_scalar_dtype(array.dtype):
+        raise ValueError(
+            f"`{name}` must be a real number; got an array of dtype "
+            f"{array.dtype}.")
     scalar = float(array)
     if math.isnan(scalar) or scalar < 0 or math.isinf(scalar):
         raise ValueError(
@@ -51,23 +71,41 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
             f"got {value!r}.")
 
 
+# Where users coming from `optax.contrib.sam` find the mapping of arguments.
+MIGRATION_DOC = "README.md, section 'Coming from optax.contrib.sam'"
+
+
 def check_rho(rho: Any) -> None:
     """ρ: a non-negative finite float or a schedule."""
+    if hasattr(rho, "init") and hasattr(rho, "update"):
+        raise TypeError(
+            "`rho` is an optax transformation: this looks like "
+            "`optax.contrib.sam(optimizer, adv_optimizer)`. sam_optax takes "
+            "the ascent step itself; pass its radius instead, e.g. "
+            "`sam_optax.sam(optimizer, rho=0.05)` for an `adv_optimizer` of "
+            f"`optax.chain(normalize(), optax.sgd(0.05))` (see {MIGRATION_DOC}).")
     check_nonnegative_scalar_or_schedule(rho, "rho")
 
 
 def check_in_range(value: Any, name: str, low: float, high: float, *,
                    low_open: bool = False, high_open: bool = False) -> None:
-    """``low ≤ value ≤ high`` (or open ends), skipped for traced values."""
+    """Finite and ``low ≤ value ≤ high`` (or open ends); skipped for traced
+    values. An infinite bound means "any finite value on that side": ``inf``
+    itself is refused (it turns the update into NaN)."""
     if _is_traced(value) or callable(value):
         return
     if isinstance(value, bool) or not isinstance(value, (Real, np.ndarray,
                                                           jax.Array)):
         raise ValueError(f"`{name}` must be a number; got {value!r}.")
-    scalar = float(np.asarray(value))
+    array = np.asarray(value)
+    if array.shape != () or not _is_real_scalar_dtype(array.dtype):
+        raise ValueError(f"`{name}` must be a real scalar; got {value!r}.")
+    scalar = float(array)
     too_low = scalar <= low if low_open else scalar < low
     too_high = scalar >= high if high_open else scalar > high
-    if math.isnan(scalar) or too_low or too_high:
+    if not math.isfinite(scalar):
+        raise ValueError(f"`{name}` must be a finite number; got {scalar}.")
+    if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         raise ValueError(
@@ -75,10 +113,22 @@ def check_in_range(value: Any, name: str, low: float, high: float, *,
 
 
 def check_positive_int(value: Any, name: str) -> None:
-    """An integer ≥ 1."""
+    """A Python (or NumPy) integer ≥ 1."""
+    if isinstance(value, jax.Array):
+        raise ValueError(f"`{name}` must be a Python int >= 1; got a JAX array "
+                         f"({value!r})." + static_hint(name))
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
             value < 1):
         raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def check_bool(value: Any, name: str) -> None:
+    """A Python bool (a flag that changes which program is built)."""
+    if isinstance(value, jax.Array):
+        raise ValueError(f"`{name}` must be True or False; got a JAX array "
+                         f"({value!r})." + static_hint(name))
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
 
 
 def as_transformation(base_tx: Any) -> optax.GradientTransformationExtraArgs:
@@ -146,14 +196,3 @@ def check_no_masked_nodes(params: Any) -> None:
             "`sam_optax.sam(optax.masked(base, mask))` or "
             "`sam_optax.sam(optax.multi_transform(...))`, and use "
             "`sam_optax.sam(base, mask=...)` to perturb only some leaves.")
-
-
-def optional_mask_error(mask: Optional[Any]) -> None:
-    """Masks must be a bool tree, a callable or None."""
-    if mask is None or callable(mask):
-        return
-    for leaf in jax.tree.leaves(mask):
-        if not isinstance(leaf, (bool, np.bool_)):
-            raise ValueError(
-                "`mask` must be a tree of Python bools or a callable "
-                f"returning one; found a leaf {leaf!r}.")

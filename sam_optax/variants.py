@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, ParamSpec, TypeVar
 
 import optax
 
@@ -23,7 +24,77 @@ from sam_optax.core import (
     sharpness_aware,
 )
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
+
+# `optax.contrib.sam`'s arguments that have no counterpart here, and why.
+_OPTAX_CONTRIB_ARGUMENTS = {
+    "sync_period": "every update is one whole SAM step here (both gradients "
+                   "inside `update`), so there is no period to synchronise",
+    "opaque_mode": "sam_optax is always 'opaque': pass `grad_fn=` to `update`",
+    "reset_state": "the ascent keeps no optimizer state to reset",
+    "batch_axis_name": "use `axis_name=` (and `sync_perturbation=True` for one "
+                       "ε over the global batch)",
+    "adv_optimizer": "pass the radius `rho=` instead of an adversarial "
+                     "optimizer",
+}
+
+
+# Arguments that take a callable which is not a schedule of the step count.
+_CALLABLE_ARGUMENTS = ("mask", "adaptive")
+
+
+def _check_call(kwargs: dict[str, Any]) -> None:
+    """Clear errors for two ways of calling a constructor that would otherwise
+    fail obscurely or, worse, silently:
+
+    * arguments users bring from ``optax.contrib.sam`` (pointing to the
+      migration notes);
+    * a callable ``mask``/``adaptive`` under ``optax.inject_hyperparams``
+      without ``static_args``: inject_hyperparams takes every callable for a
+      schedule and calls it with the step count, so the mask would select
+      nothing at all. It is only visible on the caller's frame, read here at
+      trace time (no cost in the compiled step).
+    """
+    for name, why in _OPTAX_CONTRIB_ARGUMENTS.items():
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is an argument of `optax.contrib.sam`, not of "
+                f"sam_optax: {why}. See {validation.MIGRATION_DOC}.")
+    frame = sys._getframe(2)
+    for _ in range(4):  # the inject_hyperparams closure is a direct caller
+        if frame is None:
+            break
+        if (frame.f_code.co_qualname.startswith("inject_hyperparams.")
+                and frame.f_globals.get("__name__", "").startswith("optax")):
+            scheduled = frame.f_locals.get("sched_hps", {})
+            for name in _CALLABLE_ARGUMENTS:
+                if name in scheduled:
+                    raise TypeError(
+                        f"`{name}` is a callable, which "
+                        "`optax.inject_hyperparams` takes for a schedule of "
+                        "the step count (the mask would select nothing): mark "
+                        "it static, `optax.inject_hyperparams(constructor, "
+                        f"static_args=('{name}',))(...)`.")
+            break
+        frame = frame.f_back
+
+
+def _checks_call(constructor: Callable[P, R]
+                                      ) -> Callable[P, R]:
+    """Wrap ``constructor`` with :func:`_check_call`: ``optax.contrib.sam``'s
+    argument names get a message instead of Python's "unexpected keyword
+    argument"; the signature is unchanged."""
+    @functools.wraps(constructor)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        _check_call(kwargs)
+        return constructor(*args, **kwargs)
+
+    return wrapper
+
+
+@_checks_call
 def sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -59,8 +130,11 @@ def sam(
       base_tx: the optimizer that receives the SAM gradient.
       rho: the neighbourhood radius ρ ≥ 0, or an Optax schedule of the SAM
         step count. ``rho=0`` reproduces ``base_tx`` exactly.
-      mask: optional bool tree (or callable on params) of the leaves to
-        perturb; the norm is taken over them only; every leaf is still updated.
+      mask: optional mask of the leaves to perturb: a bool tree (Python,
+        NumPy or concrete JAX bools), a prefix of the params tree as
+        ``optax.masked`` takes, or a callable on params returning one; it
+        must be static (not computed from traced values). The norm is taken
+        over the selected leaves only; every leaf is still updated.
       axis_name: when called inside ``pmap``/``shard_map``/``vmap`` over this
         axis, pass **local (un-averaged) gradients**: ε is computed per shard
         (m-sharpness) and ``g_sam`` is averaged over the axis before
@@ -149,6 +223,7 @@ def _shares_sam_options(constructor: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(constructor)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _check_call(kwargs)
         options = SAMOptions(**{name: kwargs.pop(name)
                                 for name in SAMOptions._fields if name in kwargs})
         return constructor(*args, options=options, **kwargs)
@@ -171,6 +246,7 @@ def _sam_like(
     schedule unless given."""
     axis_name = options.axis_name
     perturbation_axis_name = options.perturbation_axis_name
+    validation.check_bool(options.sync_perturbation, "sync_perturbation")
     if options.sync_perturbation:
         if perturbation_axis_name is not None:
             raise ValueError(
@@ -702,6 +778,7 @@ def wsam(
       Revisited: Weighted Sharpness as a Regularization Term. KDD 2023.
       https://arxiv.org/abs/2305.15817
     """
+    validation.check_bool(decoupled, "decoupled")
     if decoupled and learning_rate is None:
         raise ValueError(
             "`wsam(..., decoupled=True)` applies the sharpness term as its own "

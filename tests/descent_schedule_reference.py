@@ -123,14 +123,19 @@ def every_k_direction(k):
     return fn
 
 
-def ae_sam_direction(c_fn, delta):
-    """Jiang et al. 2023: SAM iff ‖g‖² ≥ μ_t + c_t σ_t (EMA statistics)."""
+def ae_sam_direction(c_fn, delta, history=None):
+    """Jiang et al. 2023: SAM iff ‖g‖² ≥ μ_t + c_t σ_t (EMA statistics).
+
+    ``history``, when given, receives ``(μ_t, σ²_t)`` after each step.
+    """
     stats = {"mean": 0.0, "var": 0.0}
 
     def fn(t, params, g, grad, rho):
         sq = norm(g) ** 2
         stats["mean"] = delta * stats["mean"] + (1 - delta) * sq
         stats["var"] = delta * stats["var"] + (1 - delta) * (sq - stats["mean"]) ** 2
+        if history is not None:
+            history.append((stats["mean"], stats["var"]))
         if sq >= stats["mean"] + c_fn(t) * np.sqrt(stats["var"]):
             return sam_second_gradient(params, g, grad, rho), True
         return g, False
@@ -160,11 +165,12 @@ def run_msam(problem, lr, momentum, rho, steps):
     return history, clean
 
 
-def run_tx(tx, problem, steps):
+def run_tx(tx, problem, steps, states=None):
     """Iterate a sam_optax transformation (jitted once) on ``problem``.
 
     Returns (params after each step as float64 dicts, perturbed flags,
-    the final state).
+    the final state); ``states``, when given, receives the state after each
+    step.
     """
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), problem.init)
     grad_fn = jax.grad(problem.jax_loss)
@@ -179,6 +185,8 @@ def run_tx(tx, problem, steps):
     history, flags = [], []
     for _ in range(steps):
         params, state = step(params, state)
+        if states is not None:
+            states.append(state)
         history.append(jax.tree.map(lambda x: np.asarray(x, np.float64), params))
         flags.append(bool(sam_optax.diagnostics(state).perturbed))
     return history, flags, state
@@ -190,3 +198,32 @@ def assert_trajectories_close(actual, expected, rtol=2e-5, atol=2e-6):
         for x, y in zip(_leaves(a), _leaves(e), strict=True):
             np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
                                        err_msg=f"step {t}")
+
+
+def run_msam_general(problem, lr, momentum, rho, steps, *, weight_decay=0.0,
+                     keep=None):
+    """MSAM (Becker et al. 2024) around SGD with momentum on ``g + λ w``.
+
+    The weight decay acts on the clean weights w, never on w̃ = w + ε; ε is
+    restricted to the leaves ``keep`` selects (a bool tree; None: all), with
+    the norm over them only: ε = −ρ v_S/‖v_S‖. Returns (w̃, w) after each step.
+    """
+    def selected(tree):
+        if keep is None:
+            return tree
+        return tmap(lambda x, k: x if k else np.zeros_like(x), tree, keep)
+
+    w = tmap(lambda x: np.asarray(x, np.float64), problem.init)
+    v = tmap(np.zeros_like, w)
+    eps = tmap(np.zeros_like, w)
+    history, clean = [], []
+    for _ in range(steps):
+        g = problem.grad(tmap(np.add, w, eps))        # at the perturbed point
+        v = tmap(lambda b, d, x: momentum * b + d + weight_decay * x, v, g, w)
+        w = tmap(lambda x, b: x - lr * b, w, v)
+        v_s = selected(v)
+        n = norm(v_s)
+        eps = tmap(lambda b: -rho * b / n if n > 0 else np.zeros_like(b), v_s)
+        clean.append(w)
+        history.append(tmap(np.add, w, eps))
+    return history, clean

@@ -4,13 +4,23 @@ base optimizer, degenerate inputs (zero/tiny gradients, bf16), retracing and
 argument checks."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from numpy_reference import PROBLEMS, SGD, leaves, norm, run_sam, tmap
+from descent_schedule_reference import run_msam_general
+from numpy_reference import (
+    PROBLEMS,
+    SGD,
+    leaves,
+    norm,
+    run_sam,
+    sam_perturbation,
+    tmap,
+)
 
 import sam_optax
 
@@ -79,9 +89,15 @@ def ref_linf(g, w, state, problem):
     return tmap(lambda x: RHO * np.sign(x), g), state
 
 
-def ref_asam(eta):
+def ref_sam(g, w, state, problem):
+    return sam_perturbation(g, RHO), state
+
+
+def ref_asam(eta, adaptive=None):
+    """T_w = |w| + η on the leaves ``adaptive`` selects (all: None), else 1."""
     def perturbation(g, w, state, problem):
-        t = tmap(lambda x: np.abs(x) + eta, w)           # T_w = |w| + η
+        keep = tmap(lambda _: True, w) if adaptive is None else adaptive
+        t = tmap(lambda x, k: np.abs(x) + eta if k else np.ones_like(x), w, keep)
         tg = tmap(np.multiply, t, g)
         n = norm(tg)                                      # ‖T_w g‖
         return tmap(lambda ti, gi: RHO * ti * ti * gi / n, t, g), state
@@ -131,11 +147,31 @@ def ref_multistep(n, alpha=None):
     return perturbation
 
 
-def ref_masked(mask):
-    def perturbation(g, w, state, problem):
-        kept = tmap(lambda x, keep: x if keep else np.zeros_like(x), g, mask)
-        return tmap(lambda x: RHO * x, unit_l2(kept)), state
-    return perturbation
+def keep_only(tree, keep):
+    """The leaves ``keep`` selects; zeros elsewhere."""
+    return tmap(lambda x, k: np.asarray(x) if k else np.zeros_like(x), tree, keep)
+
+
+class MaskedProblem:
+    """``problem`` whose gradients exist on the selected leaves only: what a
+    masked ascent sees at every ascent step."""
+
+    def __init__(self, problem, keep):
+        self.problem, self.keep = problem, keep
+
+    def grad(self, params):
+        return keep_only(self.problem.grad(params), self.keep)
+
+
+def masked(perturbation, keep):
+    """The reference ``perturbation`` restricted to the selected leaves: every
+    gradient it reads is zero elsewhere (so they are out of every norm, EMA
+    and projection) and ε is zero there."""
+    def restricted(g, w, state, problem):
+        eps, state = perturbation(keep_only(g, keep), w, state,
+                                  MaskedProblem(problem, keep))
+        return keep_only(eps, keep), state
+    return restricted
 
 
 def sgdm():
@@ -159,7 +195,7 @@ REFERENCE_CASES = {
         lambda: sam_optax.multistep_sam(sgdm(), RHO, steps=3, step_size=1.0),
         ref_multistep(3, alpha=1.0)),
     "sam_mask": (lambda: sam_optax.sam(sgdm(), RHO, mask=MLP_NOT_BIAS),
-                 ref_masked(MLP_NOT_BIAS)),
+                 masked(ref_sam, MLP_NOT_BIAS)),
 }
 
 
@@ -180,13 +216,7 @@ def test_asam_adaptive_mask_matches_reference():
     problem = PROBLEMS["mlp"]()
     eta = 0.1
 
-    def perturbation(g, w, state, problem):
-        t = tmap(lambda x, keep: np.abs(x) + eta if keep else np.ones_like(x),
-                 w, MLP_NOT_BIAS)
-        n = norm(tmap(np.multiply, t, g))
-        return tmap(lambda ti, gi: RHO * ti * ti * gi / n, t, g), state
-
-    expected = run_reference(problem, perturbation)
+    expected = run_reference(problem, ref_asam(eta, adaptive=MLP_NOT_BIAS))
     tx = sam_optax.asam(sgdm(), RHO, eta=eta,
                         adaptive=sam_optax.masks.exclude_bias_and_norm)
     # The mask helper names the leaves "b", not "bias": pass the tree too.
@@ -363,11 +393,14 @@ def key_stream(seed, tree, draw_leaf):
                                  for k, x in zip(keys, leaves_, strict=True)])
 
 
-def ref_random(seed, tree):
+def ref_random(seed, tree, keep=None):
+    """ρ z_S/‖z_S‖: the draw restricted to the leaves ``keep`` selects."""
     draws = key_stream(seed, tree, lambda k, shape: jax.random.normal(k, shape))
 
     def perturbation(g, w, state, problem):
-        return tmap(lambda z: RHO * z, unit_l2(next(draws))), state
+        z = next(draws)
+        z = z if keep is None else keep_only(z, keep)
+        return tmap(lambda x: RHO * x, unit_l2(z)), state
     return perturbation
 
 
@@ -536,6 +569,282 @@ def test_stateful_ascents_keep_their_ema_in_float32_state():
         ascent_state = tx.init(params).ascent_state
         ema = ascent_state[1]
         assert ema["w"].dtype == jnp.float32 and ema["w"].shape == (3,)
+
+
+# ------------------------------------------- every mask form × every ascent
+# One mask concept (sam_optax.masks.leaf_flags) serves every consumer: each
+# form below must select the same leaves in every method, checked against the
+# float64 reference restricted to those leaves (`masked`). MASK_FORMS: name ->
+# (the mask as passed, the leaves it selects).
+
+SELECT = {"l1": {"w": True, "b": True}, "l2": {"w": False, "b": False}}
+LARGE_ONLY = {"l1": {"w": True, "b": False}, "l2": {"w": False, "b": False}}
+
+
+def _by_layer(first, second):
+    """A callable mask giving ``first`` to layer l1's leaves, ``second`` to l2's."""
+    return lambda p: {"l1": jax.tree.map(lambda _: first, p["l1"]),
+                      "l2": jax.tree.map(lambda _: second, p["l2"])}
+
+
+MASK_FORMS = {
+    "python": (SELECT, SELECT),
+    "numpy": (tmap(np.bool_, SELECT), SELECT),
+    "jax": (tmap(jnp.asarray, SELECT), SELECT),
+    "callable_python": (lambda p: SELECT, SELECT),
+    "callable_numpy": (_by_layer(np.True_, np.False_), SELECT),
+    "callable_jax": (_by_layer(jnp.bool_(True), jnp.bool_(False)), SELECT),
+    "prefix": ({"l1": True, "l2": False}, SELECT),
+    "callable_prefix": (lambda p: {"l1": np.True_, "l2": jnp.asarray(False)},
+                        SELECT),
+    # The issue's example: np.bool_ leaves computed from the shapes.
+    "callable_shape": (lambda p: jax.tree.map(lambda x: np.prod(x.shape) > 8, p),
+                       LARGE_ONLY),
+}
+
+
+def _reference_of(perturbation):
+    return lambda problem, keep, steps: run_reference(
+        problem, perturbation(keep), steps)
+
+
+def _msam_reference(problem, keep, steps):
+    return run_msam_general(problem, LR, MOMENTUM, RHO, steps, keep=keep)[0]
+
+
+# name -> (tx for a mask, float64 history for the selected leaves `keep`).
+MASKED_METHODS = {
+    "sam": (lambda m: sam_optax.sam(sgdm(), RHO, mask=m),
+            _reference_of(lambda keep: masked(ref_sam, keep))),
+    "sam_linf": (lambda m: sam_optax.sam(sgdm(), RHO, norm="linf", mask=m),
+                 _reference_of(lambda keep: masked(ref_linf, keep))),
+    "asam_mask": (lambda m: sam_optax.asam(sgdm(), RHO, eta=0.05, mask=m),
+                  _reference_of(lambda keep: masked(ref_asam(0.05), keep))),
+    "asam_adaptive": (lambda m: sam_optax.asam(sgdm(), RHO, eta=0.05, adaptive=m),
+                      _reference_of(lambda keep: ref_asam(0.05, adaptive=keep))),
+    "fisher_sam": (lambda m: sam_optax.fisher_sam(sgdm(), RHO, eta=3.0, mask=m),
+                   _reference_of(lambda keep: masked(ref_fisher(3.0), keep))),
+    "friendly_sam": (
+        lambda m: sam_optax.friendly_sam(sgdm(), RHO, sigma=0.8, lmbda=0.6,
+                                         mask=m),
+        _reference_of(lambda keep: masked(ref_friendly(0.8, 0.6), keep))),
+    "vasso": (lambda m: sam_optax.vasso(sgdm(), RHO, theta=0.3, mask=m),
+              _reference_of(lambda keep: masked(ref_vasso(0.3), keep))),
+    "random_sam": (lambda m: sam_optax.random_sam(sgdm(), RHO, seed=5, mask=m),
+                   _reference_of(lambda keep: ref_random(
+                       5, PROBLEMS["mlp"]().init, keep))),
+    "multistep_sam": (
+        lambda m: sam_optax.multistep_sam(sgdm(), RHO, steps=3, mask=m),
+        _reference_of(lambda keep: masked(ref_multistep(3), keep))),
+    "esam": (lambda m: sam_optax.esam(sgdm(), RHO, beta=0.5, seed=5, mask=m),
+             _reference_of(lambda keep: masked(
+                 ref_esam(5, 0.5, PROBLEMS["mlp"]().init), keep))),
+    "msam": (lambda m: sam_optax.msam(sgdm(), RHO, mask=m), _msam_reference),
+}
+MASK_STEPS = 2  # the second step reads the EMAs of friendly_sam and vasso
+
+
+@pytest.mark.parametrize("form", sorted(MASK_FORMS))
+@pytest.mark.parametrize("method", sorted(MASKED_METHODS))
+def test_every_mask_form_selects_the_same_leaves_in_every_method(method, form):
+    """Unselected leaves get no perturbation and stay out of every norm (for
+    ``adaptive=``: get T = 1), whatever form the mask takes."""
+    make_tx, reference = MASKED_METHODS[method]
+    mask, keep = MASK_FORMS[form]
+    problem = PROBLEMS["mlp"]()
+    expected = reference(problem, keep, MASK_STEPS)
+    got, _ = run_jax(make_tx(mask), problem, steps=MASK_STEPS,
+                     jit=method == "multistep_sam")
+    assert_close_history(got, expected)
+    # Guard: the selection matters (the all-leaves reference differs).
+    unmasked = reference(problem, tmap(lambda _: True, keep), MASK_STEPS)
+    assert norm(tmap(np.subtract, unmasked[-1], expected[-1])) > 1e-6
+
+
+@pytest.mark.parametrize("method", ["sam", "asam_adaptive", "msam"])
+def test_callable_masks_of_concrete_jnp_bools_work_under_jit(method):
+    """``jnp`` arithmetic on shapes is concrete, even while jit traces."""
+    make_tx, reference = MASKED_METHODS[method]
+    mask = lambda p: jax.tree.map(  # noqa: E731
+        lambda x: jnp.prod(jnp.array(x.shape)) > 8, p)
+    problem = PROBLEMS["mlp"]()
+    got, _ = run_jax(make_tx(mask), problem, steps=2, jit=True)
+    assert_close_history(got, reference(problem, LARGE_ONLY, 2))
+
+
+@pytest.mark.parametrize("make, argument", [
+    (lambda m: sam_optax.sam(sgdm(), RHO, mask=m), "mask"),
+    (lambda m: sam_optax.asam(sgdm(), RHO, adaptive=m), "adaptive"),
+    (lambda m: sam_optax.msam(sgdm(), RHO, mask=m), "mask"),
+])
+def test_mask_from_traced_values_is_refused_under_jit(make, argument):
+    tx = make(lambda p: jax.tree.map(lambda x: jnp.all(x > 0), p))
+    problem = PROBLEMS["mlp"]()
+    with pytest.raises(ValueError, match=f"`{argument}` must be static"):
+        run_jax(tx, problem, steps=1, jit=True)
+
+
+@pytest.mark.parametrize("leaf, shown", [
+    (1, "int 1"), (0.5, "float 0.5"), ("yes", "str 'yes'"),
+    (np.int32(1), "int32"), (jnp.ones(2, bool), "shape (2,)"),
+    (np.array(1.0), "float64"),
+])
+@pytest.mark.parametrize("make, argument", [
+    (lambda m: sam_optax.sam(sgdm(), RHO, mask=m), "mask"),
+    (lambda m: sam_optax.asam(sgdm(), RHO, adaptive=m), "adaptive"),
+    (lambda m: sam_optax.fisher_sam(sgdm(), RHO, mask=m), "mask"),
+    (lambda m: sam_optax.msam(sgdm(), RHO, mask=m), "mask"),
+])
+def test_mask_leaves_that_are_not_bools_are_refused(make, argument, leaf, shown):
+    bad = {"l1": {"w": True, "b": leaf}, "l2": False}
+    # At construction for a tree, at init for a callable; both name the leaf.
+    with pytest.raises(ValueError, match=rf"`{argument}`.*\['l1'\]\['b'\]"
+                       rf".*{re.escape(shown)}"):
+        make(bad)
+    with pytest.raises(ValueError, match=rf"`{argument}`.*\['l1'\]\['b'\]"):
+        make(lambda p: bad).init(to_jax(PROBLEMS["mlp"]().init))
+
+
+# ------------------------------------- non-finite gradients: ε = 0, reported
+
+NONFINITE_METHODS = {
+    "sam": lambda: sam_optax.sam(optax.sgd(1.0), 0.2),
+    "sam_linf": lambda: sam_optax.sam(optax.sgd(1.0), 0.2, norm="linf"),
+    "sam_masked": lambda: sam_optax.sam(optax.sgd(1.0), 0.2,
+                                        mask={"a": True, "b": False}),
+    "asam": lambda: sam_optax.asam(optax.sgd(1.0), 0.2, eta=0.5),
+    "asam_adaptive": lambda: sam_optax.asam(optax.sgd(1.0), 0.2, eta=0.5,
+                                            adaptive={"a": False, "b": True}),
+    "fisher_sam": lambda: sam_optax.fisher_sam(optax.sgd(1.0), 0.2),
+    "friendly_sam": lambda: sam_optax.friendly_sam(optax.sgd(1.0), 0.2),
+    "vasso": lambda: sam_optax.vasso(optax.sgd(1.0), 0.2),
+    "multistep_sam": lambda: sam_optax.multistep_sam(optax.sgd(1.0), 0.2,
+                                                     steps=2),
+    "esam": lambda: sam_optax.esam(optax.sgd(1.0), 0.2, beta=0.5),
+}
+FINITE_GRADS = {"a": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([3.0, 0.25])}
+
+
+@pytest.mark.parametrize("bad", [-np.inf, np.nan])
+@pytest.mark.parametrize("at_step", [1, 2])
+@pytest.mark.parametrize("name", sorted(NONFINITE_METHODS))
+def test_nonfinite_gradient_gives_zero_perturbation_and_says_so(name, at_step,
+                                                                 bad):
+    """An inf/NaN entry (in a perturbed leaf) makes the whole ε exactly 0, never
+    a NaN; the diagnostics report ‖ε‖ = 0 and the non-finite ‖g‖."""
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+    grads = dict(FINITE_GRADS, a=FINITE_GRADS["a"].at[1].set(bad))
+    tx = NONFINITE_METHODS[name]()
+    state = None
+    if at_step == 2:  # after a finite step (stateful ascents hold an EMA)
+        eps, state = probe_perturbation(tx, FINITE_GRADS, params)
+        assert norm(eps) > 0.1
+    eps, state = probe_perturbation(tx, grads, params, state)
+    for leaf in leaves(eps):
+        np.testing.assert_array_equal(leaf, 0.0)
+    diag = sam_optax.diagnostics(state)
+    assert float(diag.perturbation_norm) == 0.0
+    assert not np.isfinite(float(diag.grad_norm))
+    assert np.isnan(float(diag.grad_norm)) == np.isnan(bad)
+
+
+def test_nonfinite_gradient_in_an_unperturbed_leaf_does_not_matter():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+    grads = dict(FINITE_GRADS, b=jnp.array([np.nan, 1.0]))
+    tx = sam_optax.sam(optax.sgd(1.0), 0.2, mask={"a": True, "b": False})
+    eps, _ = probe_perturbation(tx, grads, params)
+    expected = 0.2 * np.asarray(FINITE_GRADS["a"]) / np.linalg.norm(
+        FINITE_GRADS["a"])
+    np.testing.assert_allclose(eps["a"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(NONFINITE_METHODS))
+def test_perturbation_norm_is_the_one_used_above_the_safe_range(name):
+    """‖g‖ ~ 1e32 (above the range of the safe L2 norm): ε is 0 for the
+    L2 ascents; whatever ε is, ``perturbation_norm`` is its norm."""
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+    grads = jax.tree.map(lambda g: g * 1e32, FINITE_GRADS)
+    tx = NONFINITE_METHODS[name]()
+    eps, state = probe_perturbation(tx, grads, params)
+    assert all(np.all(np.isfinite(x)) for x in leaves(eps))
+    if name in ("sam", "sam_masked", "friendly_sam", "vasso", "multistep_sam"):
+        assert norm(eps) == 0.0
+    np.testing.assert_allclose(
+        float(sam_optax.diagnostics(state).perturbation_norm), norm(eps),
+        rtol=1e-6)
+
+
+# --------------------------------- the trees sam handles, every constructor
+
+OWN_CONSTRUCTORS = {
+    "sam": lambda b: sam_optax.sam(b, 0.1),
+    "sam_linf": lambda b: sam_optax.sam(b, 0.1, norm="linf"),
+    "asam": lambda b: sam_optax.asam(b, 0.1),
+    "fisher_sam": lambda b: sam_optax.fisher_sam(b, 0.1),
+    "friendly_sam": lambda b: sam_optax.friendly_sam(b, 0.1),
+    "vasso": lambda b: sam_optax.vasso(b, 0.1),
+    "random_sam": lambda b: sam_optax.random_sam(b, 0.1),
+    "multistep_sam": lambda b: sam_optax.multistep_sam(b, 0.1, steps=2),
+    "esam": lambda b: sam_optax.esam(b, 0.1),
+    "msam": lambda b: sam_optax.msam(b, 0.1),
+}
+EDGE_TREES = {
+    "empty": {},
+    "python_float": {"a": 1.0, "b": jnp.array([1.0, -2.0])},
+    "int_leaf": {"w": jnp.array([1.0, -2.0]), "step": jnp.array(3, jnp.int32)},
+    "zero_size": {"w": jnp.array([1.0, -2.0]), "z": jnp.zeros((0, 3))},
+}
+
+
+def _is_float(x):
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _edge_loss(p):
+    floats = [jnp.asarray(x) for x in jax.tree.leaves(p) if _is_float(x)]
+    return sum((jnp.sum((x - 0.5) ** 2) for x in floats), jnp.zeros([]))
+
+
+def _edge_grad(p):
+    """∇ of the float leaves; integer leaves get a zero of their dtype (what
+    optax applies to them unchanged)."""
+    grads = jax.grad(_edge_loss, allow_int=True)(p)
+    return jax.tree.map(lambda g, x: g if _is_float(x)
+                        else jnp.zeros_like(x), grads, p)
+
+
+@pytest.mark.parametrize("tree", sorted(EDGE_TREES))
+@pytest.mark.parametrize("name", sorted(OWN_CONSTRUCTORS))
+def test_every_constructor_handles_the_trees_sam_handles(name, tree):
+    params = EDGE_TREES[tree]
+    tx = OWN_CONSTRUCTORS[name](optax.sgd(0.1, momentum=0.9))
+    state = tx.init(params)
+    p = params
+    for _ in range(2):  # eager: Python-float leaves reach the update as is
+        updates, state = tx.update(_edge_grad(p), state, p, grad_fn=_edge_grad)
+        p = optax.apply_updates(p, updates)
+    assert jax.tree.structure(p) == jax.tree.structure(params)
+    assert finite(p) and finite(state)
+    if tree == "int_leaf":
+        assert p["step"].dtype == jnp.int32 and int(p["step"]) == 3
+    if tree == "zero_size":
+        assert p["z"].shape == (0, 3)
+    if tree != "empty":
+        assert float(_edge_loss(p)) < float(_edge_loss(params))
+
+
+@pytest.mark.parametrize("name", sorted(OWN_CONSTRUCTORS))
+def test_float0_gradients_of_integer_leaves_pass_through(name):
+    """``jax.grad(..., allow_int=True)`` gives float0 for integer leaves
+    (which optax's own optimizers accept only behind ``optax.masked``)."""
+    params = EDGE_TREES["int_leaf"]
+    tx = OWN_CONSTRUCTORS[name](optax.masked(optax.sgd(0.1),
+                                             {"w": True, "step": False}))
+    grad_fn = jax.grad(_edge_loss, allow_int=True)
+    updates, state = tx.update(grad_fn(params), tx.init(params), params,
+                               grad_fn=grad_fn)
+    assert finite(updates["w"]) and finite(state)
+    assert updates["step"].dtype == jax.dtypes.float0
 
 
 # ---------------------------------------------------------- bad arguments

@@ -30,7 +30,10 @@ STEPS_BEFORE, STEPS_AFTER = 3, 5
 # (yet) in sam_optax are skipped, stateless ones are covered by `sam`.
 VARIANTS = ["sam", "looksam", "vasso", "friendly_sam", "every_k_sam", "esam",
             "ae_sam", "fisher_sam", "msam", "random_sam", "multistep_sam",
-            "asam", "gsam", "wsam"]
+            "asam", "gsam", "wsam", "wsam_decoupled"]
+# Variants that are a constructor with arguments (name -> (constructor, kw)).
+CONFIGURED = {"wsam_decoupled": ("wsam", {"decoupled": True,
+                                          "learning_rate": 0.1})}
 
 
 def _assert_identical(actual, expected):
@@ -67,9 +70,10 @@ def _has_own_state(opt_state) -> bool:
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_round_trip_is_bit_identical(name, tmp_path):
-    if not hasattr(sam_optax, name):
-        pytest.skip(f"sam_optax.{name} does not exist yet")
-    tx = getattr(sam_optax, name)(optax.sgd(0.1, momentum=0.9))
+    constructor, kwargs = CONFIGURED.get(name, (name, {}))
+    if not hasattr(sam_optax, constructor):
+        pytest.skip(f"sam_optax.{constructor} does not exist yet")
+    tx = getattr(sam_optax, constructor)(optax.sgd(0.1, momentum=0.9), **kwargs)
     loss, params = _softmax_problem()
     state = {"params": params, "opt_state": tx.init(params)}
     if name != "sam" and not _has_own_state(state["opt_state"]):

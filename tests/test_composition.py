@@ -80,6 +80,14 @@ def test_sam_inside_masked_raises_with_the_fix():
         run(tx, steps=1)
 
 
+def test_sam_inside_multi_transform_raises_with_the_fix():
+    tx = optax.multi_transform(
+        {"sam": sam_optax.sam(optax.sgd(0.1), 0.1), "plain": optax.sgd(0.1)},
+        {"w": "sam", "b": "plain"})
+    with pytest.raises(TypeError, match="optax.multi_transform"):
+        run(tx, steps=1)
+
+
 def test_multisteps_accumulates_sam_gradients_of_each_micro_batch():
     k = 3
     batches = [1.0, 2.0, 0.5, 1.5, 1.0, 3.0]

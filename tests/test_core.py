@@ -333,3 +333,151 @@ def test_float64_params_are_computed_in_float64():
         eps, _ = perturbation_of(tx, grads, params)
         assert eps.dtype == jnp.float64
         np.testing.assert_allclose(eps, [0.2, 0.8 / 3.0], rtol=1e-15)
+
+
+# ------------------------------------------------ trust: arguments and errors
+
+
+def sam_params_after(tx, loss_fn, params, steps=3):
+    step = make_step(tx, loss_fn)
+    state = tx.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+QUADRATIC = lambda w: jnp.sum((w - jnp.array([1.0, -2.0, 0.5])) ** 2)  # noqa: E731
+
+
+@pytest.mark.parametrize("bad_rho", [-0.05, float("nan"), -float("inf")])
+@pytest.mark.parametrize("how", ["schedule", "inject_hyperparams"])
+def test_traced_rho_that_is_negative_or_nan_acts_as_zero(bad_rho, how):
+    # Eagerly such a ρ is refused; traced, it cannot be: it must act as ρ = 0
+    # (the base optimizer), never flip ε or give a NaN.
+    if how == "schedule":
+        tx = sam_optax.sam(optax.sgd(0.1), rho=lambda count: bad_rho + 0 * count)
+    else:
+        tx = optax.inject_hyperparams(sam_optax.sam)(optax.sgd(0.1), rho=0.05)
+    params = jnp.zeros(3)
+    state = tx.init(params)
+    if how == "inject_hyperparams":
+        state.hyperparams["rho"] = jnp.asarray(bad_rho)
+    step = make_step(tx, QUADRATIC)
+    for _ in range(3):
+        params, state = step(params, state)
+    base = jnp.zeros(3)
+    for _ in range(3):
+        base = base - 0.1 * jax.grad(QUADRATIC)(base)
+    np.testing.assert_allclose(params, base, rtol=1e-6)
+    assert float(sam_optax.diagnostics(state).perturbation_norm) == 0.0
+
+
+def test_inject_hyperparams_and_rho_array_in_bf16():
+    params = jnp.zeros(3, jnp.bfloat16)
+    loss = lambda w: QUADRATIC(w.astype(jnp.float32))  # noqa: E731
+    tx = optax.inject_hyperparams(sam_optax.sam)(optax.sgd(0.1), rho=0.05)
+    injected, _ = sam_params_after(tx, loss, params)
+    plain, _ = sam_params_after(sam_optax.sam(optax.sgd(0.1), rho=0.05), loss,
+                                params)
+    array_rho, _ = sam_params_after(
+        sam_optax.sam(optax.sgd(0.1), rho=jnp.asarray(0.05, jnp.bfloat16)),
+        loss, params)
+    assert injected.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(injected), np.float32(plain),
+                               rtol=1e-2)
+    np.testing.assert_allclose(np.float32(array_rho), np.float32(plain),
+                               rtol=1e-2)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("looksam", {}), ("every_k_sam", {}), ("multistep_sam", {}),
+    ("esam", {}), ("random_sam", {})])
+def test_inject_hyperparams_names_the_static_args_fix(name, kwargs):
+    constructor = getattr(sam_optax, name)
+    with pytest.raises(ValueError, match="static_args"):
+        optax.inject_hyperparams(constructor)(optax.sgd(0.1), **kwargs).init(
+            jnp.zeros(3))
+
+
+@pytest.mark.parametrize("name, static", [
+    ("looksam", ("k",)), ("every_k_sam", ("k",)), ("multistep_sam", ("steps",)),
+    ("esam", ("seed",)), ("random_sam", ("seed",)), ("wsam", ())])
+def test_inject_hyperparams_with_static_args_equals_the_plain_constructor(
+        name, static):
+    constructor = getattr(sam_optax, name)
+    injected = optax.inject_hyperparams(constructor, static_args=static)(
+        optax.sgd(0.1), rho=0.05)
+    plain = constructor(optax.sgd(0.1), rho=0.05)
+    a, _ = sam_params_after(injected, QUADRATIC, jnp.zeros(3), steps=4)
+    b, _ = sam_params_after(plain, QUADRATIC, jnp.zeros(3), steps=4)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad_dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_gradients_that_are_not_real_floats_are_refused(bad_dtype):
+    tx = sam_optax.sam(optax.sgd(0.1), 0.05)
+    params = jnp.zeros(3)
+    grads = jnp.ones(3)
+    bad_grad_fn = lambda p: jnp.ones(3, bad_dtype)  # noqa: E731
+    with pytest.raises(TypeError, match="dtype"):
+        tx.update(grads, tx.init(params), params, grad_fn=bad_grad_fn)
+
+
+def test_value_must_be_the_scalar_loss():
+    tx = sam_optax.sam(optax.sgd(0.1), 0.05)
+    params = jnp.zeros(3)
+    grads = jax.grad(QUADRATIC)(params)
+    with pytest.raises(TypeError, match="value=loss"):
+        tx.update(grads, tx.init(params), params, grad_fn=jax.grad(QUADRATIC),
+                  value=(QUADRATIC(params), {"aux": 1.0}))
+    with pytest.raises(ValueError, match="scalar"):
+        tx.update(grads, tx.init(params), params, grad_fn=jax.grad(QUADRATIC),
+                  value=jnp.ones(2))
+
+
+def test_grad_fn_with_two_arguments_points_to_the_migration_notes():
+    tx = sam_optax.sam(optax.sgd(0.1), 0.05)
+    params = jnp.zeros(3)
+    grads = jax.grad(QUADRATIC)(params)
+    with pytest.raises(TypeError, match="optax.contrib.sam"):
+        tx.update(grads, tx.init(params), params,
+                  grad_fn=lambda p, i: jax.grad(QUADRATIC)(p))
+
+
+@pytest.mark.parametrize("argument", [
+    {"sync_period": 2}, {"opaque_mode": True}, {"batch_axis_name": "batch"},
+    {"reset_state": False}])
+@pytest.mark.parametrize("name", ["sam", "asam", "looksam"])
+def test_optax_contrib_arguments_point_to_the_migration_notes(name, argument):
+    with pytest.raises(TypeError, match="optax.contrib.sam.*Coming from"):
+        getattr(sam_optax, name)(optax.sgd(0.1), **argument)
+
+
+def test_adversarial_optimizer_as_rho_points_to_the_migration_notes():
+    with pytest.raises(TypeError, match="rho=0.05"):
+        sam_optax.sam(optax.sgd(0.1), optax.sgd(0.05))
+
+
+@pytest.mark.parametrize("name, argument", [
+    ("sam", "full_diagnostics"), ("sam", "sync_perturbation"),
+    ("wsam", "decoupled"), ("gsam", "full_diagnostics")])
+def test_flags_must_be_bools(name, argument):
+    with pytest.raises(ValueError, match=argument):
+        getattr(sam_optax, name)(optax.sgd(0.1), **{argument: "yes"})
+
+
+@pytest.mark.parametrize("name, argument", [
+    ("asam", "eta"), ("fisher_sam", "eta"), ("friendly_sam", "sigma"),
+    ("ae_sam", "c"), ("looksam", "alpha"), ("gsam", "alpha")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_hyperparameters_are_refused(name, argument, value):
+    with pytest.raises(ValueError, match=f"`{argument}` must be"):
+        getattr(sam_optax, name)(optax.sgd(0.1), **{argument: value})
+
+
+def test_import_under_python_OO():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-OO", "-c", "import sam_optax"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -156,3 +156,72 @@ def test_orthogonal_part_matches_reference_and_is_safe_at_zero():
     same = descent.orthogonal_part(jax.tree.map(jnp.float32, a), zero)
     for key in a:
         np.testing.assert_allclose(same[key], a[key], rtol=1e-6)
+
+
+# ---------------------------------------- trust: ρ schedules, x64, odd trees
+
+
+def test_gsam_rho_schedule_never_leaves_its_range():
+    # A learning rate above lr_max (a warm-up overshoot) or below lr_min must
+    # not extrapolate: below lr_min that would make ρ negative.
+    lr = lambda count: jnp.asarray([2.0, 1.0, 0.5, 0.1, 0.0])[count]  # noqa: E731
+    rho = sam_optax.gsam_rho_schedule(lr, lr_max=1.0, lr_min=0.1,
+                                      rho_max=0.05, rho_min=0.01)
+    values = [float(rho(t)) for t in range(5)]
+    expected = [0.05, 0.05, 0.01 + 0.04 * (0.4 / 0.9), 0.01, 0.01]
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+
+
+def test_gsam_rho_schedule_and_decoupled_wsam_are_float64_under_x64():
+    with jax.enable_x64(True):
+        lr = lambda t: 0.03 + 0.27 * 0.5 * (1 + jnp.cos(jnp.pi * t / 50))  # noqa: E731
+        rho = sam_optax.gsam_rho_schedule(lr, lr_max=0.3, lr_min=0.03,
+                                          rho_max=0.05, rho_min=0.01)
+        for t in (0, 7, 23, 50):
+            lr_t = 0.03 + 0.27 * 0.5 * (1 + np.cos(np.pi * t / 50))
+            expected = 0.01 + 0.04 * (lr_t - 0.03) / 0.27
+            assert rho(t).dtype == jnp.float64
+            np.testing.assert_allclose(float(rho(t)), expected, rtol=1e-13)
+
+        # Decoupled WSAM with a float64 learning-rate schedule: every step
+        # against the float64 reference to float64 precision.
+        problem = PROBLEMS["quadratic"]()
+        gamma, steps = 0.8, 6
+        # (optax's own schedules compute in float32 even under x64.)
+        lr_fn = lambda count: 0.3 - 0.2 * count / steps  # noqa: E731
+        expected = run_wsam_decoupled(problem, SGD(0.2), steps, gamma,
+                                      lambda t: 0.3 - 0.2 * t / steps)
+        tx = sam_optax.wsam(optax.sgd(0.2), rho=0.05, gamma=gamma,
+                            decoupled=True, learning_rate=lr_fn)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
+                              problem.init)
+        a64, c64 = jnp.asarray(problem.a), jnp.asarray(problem.c)  # float64
+        grad_fn = jax.grad(lambda p: 0.5 * (p["w"] - c64) @ a64 @ (p["w"] - c64))
+        state = tx.init(params)
+        for t in range(steps):
+            updates, state = tx.update(grad_fn(params), state, params,
+                                       grad_fn=grad_fn)
+            params = optax.apply_updates(params, updates)
+            for a, e in zip(jax.tree.leaves(params), jax.tree.leaves(expected[t])):
+                assert a.dtype == jnp.float64
+                np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["looksam", "every_k_sam", "gsam", "wsam"])
+def test_trees_with_int_and_empty_leaves(name):
+    # The same trees `sam` takes: an int leaf (not perturbed, not updated by
+    # SGD), a zero-size leaf, an empty dict.
+    tx = getattr(sam_optax, name)(optax.sgd(0.1), rho=0.05)
+    loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)  # noqa: E731
+    grad_fn = lambda p: jax.tree.map(  # noqa: E731
+        lambda x, g: g if jnp.issubdtype(x.dtype, jnp.floating)
+        else jnp.zeros_like(x), p, jax.grad(loss, allow_int=True)(p))
+    params = {"w": jnp.zeros(3), "i": jnp.arange(2), "e": jnp.zeros((0, 4)),
+              "none": {}}
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn))
+    for _ in range(6):  # crosses skipped and paid steps for k-step variants
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+    assert np.all(np.isfinite(params["w"])) and float(params["w"][0]) > 0.1
+    np.testing.assert_array_equal(params["i"], [0, 1])

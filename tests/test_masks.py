@@ -1,11 +1,14 @@
 """SAM-ON mask helpers on Flax Linen and NNX parameter trees, and a masked SAM
 step against a float64 reference (norm over the selected leaves only)."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import sam_optax
@@ -140,3 +143,94 @@ def test_sam_on_linen_matches_reference_of_masked_norm():
         np.testing.assert_allclose(u, -lr * np.asarray(gs), rtol=1e-5, atol=1e-7)
     # Unselected leaves still move (the descent uses every leaf).
     assert np.abs(np.asarray(updates["Dense_0"]["kernel"])).max() > 0
+
+
+# ---------------------------------------------- the one mask concept
+
+NESTED = {"bn": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
+          "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+# Flatten order: bn/bias, bn/scale, dense/bias, dense/kernel.
+
+
+@pytest.mark.parametrize("true, false", [
+    (True, False), (np.True_, np.False_), (np.array(True), np.array(False)),
+    (jnp.asarray(True), jnp.asarray(False)),
+])
+def test_every_bool_form_is_a_python_bool(true, false):
+    mask = {"bn": {"scale": true, "bias": false},
+            "dense": {"kernel": true, "bias": true}}
+    assert masks.leaf_flags(mask, NESTED) == [False, True, True, True]
+    resolved = masks.resolve(lambda p: mask, NESTED)
+    assert all(type(x) is bool for x in jax.tree.leaves(resolved))
+    assert masks.resolve(resolved, NESTED) == resolved   # idempotent
+
+
+def test_prefix_masks_broadcast_like_optax_masked():
+    assert masks.leaf_flags({"dense": True, "bn": False}, NESTED) == [
+        False, False, True, True]
+    assert masks.resolve({"dense": np.True_, "bn": {"scale": True,
+                                                    "bias": False}}, NESTED) == {
+        "bn": {"scale": True, "bias": False},
+        "dense": {"kernel": True, "bias": True}}
+    assert masks.leaf_flags(True, NESTED) == [True] * 4
+    assert masks.leaf_flags(None, NESTED) == [True] * 4
+    assert masks.resolve(None, NESTED) is None
+    # optax.masked takes the same prefix and selects the same leaves.
+    ones = jax.tree.map(jnp.ones_like, NESTED)
+    for prefix in ({"dense": True, "bn": False}, {"dense": False, "bn": True}):
+        zeroed = optax.masked(optax.scale(0.0), prefix)
+        updates, _ = zeroed.update(ones, zeroed.init(ones))
+        assert [bool(np.all(u == 0)) for u in jax.tree.leaves(updates)] == (
+            masks.leaf_flags(prefix, NESTED))
+    # Trees without leaves.
+    assert masks.leaf_flags({}, {}) == [] and masks.leaf_flags(True, {}) == []
+
+
+def test_mask_that_is_no_prefix_names_the_argument_and_both_trees():
+    with pytest.raises(ValueError, match=r"(?s)`adaptive` must match the params "
+                       r"or be a prefix.*'dense'.*'conv'"):
+        masks.leaf_flags({"conv": True, "bn": False}, NESTED, "adaptive")
+    with pytest.raises(ValueError, match="`mask`"):
+        masks.resolve({"a": True}, {"a": 1.0, "b": 2.0})
+    with pytest.raises(ValueError, match="`mask`"):
+        masks.resolve(lambda p: [True, False], NESTED)
+
+
+@pytest.mark.parametrize("leaf, shown", [
+    (1, "int 1"), (0.0, "float 0.0"), ("no", "str 'no'"), (None, None),
+    (np.ones(2, bool), "shape (2,)"), (jnp.asarray(1.0), "dtype float32"),
+])
+def test_leaves_that_are_not_bools_are_refused_with_their_path(leaf, shown):
+    mask = {"dense": leaf, "bn": True}
+    if leaf is None:  # None is an empty subtree: no longer a prefix
+        with pytest.raises(ValueError, match="prefix"):
+            masks.leaf_flags(mask, NESTED)
+        return
+    with pytest.raises(ValueError, match=r"`mask` leaves must be bools.*"
+                       r"\['dense'\] is .*" + re.escape(shown)):
+        masks.check(mask)
+    with pytest.raises(ValueError, match=r"\['dense'\]"):
+        masks.leaf_flags(lambda p: mask, NESTED)
+
+
+def test_traced_mask_is_refused_with_the_fix():
+    value_mask = lambda p: jax.tree.map(lambda x: jnp.all(x > 0), p)  # noqa: E731
+    # Eager, the mask is concrete: fine.
+    assert masks.leaf_flags(value_mask, NESTED) == [False, True, False, True]
+    with pytest.raises(ValueError, match=r"(?s)`mask` must be static.*\['bn'\]"
+                       r"\['bias'\].*traced.*x.ndim > 1"):
+        jax.jit(lambda p: masks.leaf_flags(value_mask, p) and p)(NESTED)
+    # Concrete arithmetic on shapes stays concrete while jit traces.
+    shape_mask = lambda p: jax.tree.map(  # noqa: E731
+        lambda x: jnp.asarray(x.shape).prod() > 2, p)
+    seen = []
+    jax.jit(lambda p: seen.append(masks.leaf_flags(shape_mask, p)) or 0)(NESTED)
+    assert seen == [[False, False, True, True]]
+
+
+def test_check_at_construction_leaves_callables_for_later():
+    masks.check(None)
+    masks.check(lambda p: 1)     # checked once params are known
+    masks.check({"a": np.True_, "b": jnp.asarray(False)})
+    with pytest.raises(ValueError, match="`adaptive`"):
+        masks.check({"a": 1}, "adaptive")

@@ -183,3 +183,12 @@ def test_sam_without_grad_fn_gives_core_error():
 def test_bad_dropout_key_raises():
     with pytest.raises(ValueError, match="dropout_key"):
         sam_optax.nnx.grad_fn(_model(), loss_fn, *_data(), dropout_key="new")
+
+
+@pytest.mark.parametrize("helper", ["grad_fn", "value_and_grad"])
+def test_misspelt_keyword_is_refused(helper):
+    """Unlike a forwarding `**kwargs`, the helpers' keywords are explicit: a
+    misspelt option (or a keyword meant for `loss_fn`) raises, never drops."""
+    with pytest.raises(TypeError, match="dropout_keys"):
+        getattr(sam_optax.nnx, helper)(_model(), loss_fn, *_data(),
+                                       dropout_keys="folded")

@@ -78,12 +78,57 @@ def test_mask_selects_leaves_for_norm_and_direction():
     assert float(norm) == 0.0 and float(jnp.abs(unit["a"]).sum()) == 0.0
 
 
-def test_bad_mask_names_the_argument():
-    with pytest.raises(ValueError, match="mask"):
-        numerics.resolve_mask({"a": True}, {"a": 1.0, "b": 2.0})
-    mask = numerics.resolve_mask(lambda p: jax.tree.map(lambda x: x.ndim > 0, p),
-                                 {"a": jnp.ones(2), "b": jnp.ones(())})
-    assert mask == {"a": True, "b": False}
+def test_norms_take_every_mask_form():
+    """The norm resolves masks through sam_optax.masks: np.bool_ leaves and
+    prefixes select like Python bools (they were once ignored/refused)."""
+    tree = {"a": {"x": jnp.array([3.0]), "y": jnp.array([4.0])},
+            "b": jnp.array([100.0])}
+    for mask in ({"a": {"x": True, "y": True}, "b": False},
+                 {"a": np.True_, "b": np.False_},
+                 {"a": jnp.asarray(True), "b": np.array(False)}):
+        unit, norm = numerics.safe_normalize(tree, mask)
+        np.testing.assert_allclose(float(norm), 5.0)
+        np.testing.assert_allclose(unit["a"]["y"], [0.8], rtol=1e-6)
+        np.testing.assert_array_equal(unit["b"], 0.0)
+        np.testing.assert_allclose(float(numerics.sum_of_squares(tree, mask)),
+                                   25.0)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("jit", [False, True])
+def test_nonfinite_entry_gives_zero_direction(bad, jit):
+    """inf·0 would be NaN: the direction is exactly zero instead, the norm
+    says what happened (inf, or NaN), and ``usable`` is False."""
+    tree = {"a": jnp.array([1.0, bad, 2.0]), "b": jnp.ones((2, 2))}
+    def normalize(tree, mask, scale):
+        fn = lambda t: numerics.normalize(t, mask, scale)  # noqa: E731
+        return (jax.jit(fn) if jit else fn)(tree)
+
+    result = normalize(tree, None, 0.5)
+    for leaf in jax.tree.leaves(result.direction):
+        np.testing.assert_array_equal(leaf, 0.0)
+    assert not bool(result.usable)
+    assert np.isnan(float(result.norm)) == np.isnan(bad)
+    assert np.isinf(float(result.norm)) == np.isinf(bad)
+    assert not bool(numerics.all_finite(tree))
+    # Outside the mask it does not matter.
+    result = normalize(tree, {"a": False, "b": True}, 0.5)
+    np.testing.assert_allclose(result.direction["b"], 0.25, rtol=1e-6)
+    assert bool(result.usable)
+    assert bool(numerics.all_finite(tree, {"a": False, "b": True}))
+
+
+def test_python_scalar_leaves():
+    tree = {"a": 3.0, "b": jnp.array([4.0])}
+    unit, norm = numerics.safe_normalize(tree)
+    np.testing.assert_allclose(float(norm), 5.0)
+    np.testing.assert_allclose(float(unit["a"]), 0.6, rtol=1e-6)
+    assert numerics.zeros_like_compute(tree)["a"].shape == ()
+    out = numerics.add_perturbation(tree, {"a": jnp.asarray(0.5),
+                                           "b": jnp.zeros(1)})
+    assert float(out["a"]) == 3.5 and out["a"].dtype == jnp.float32
+    assert numerics.cast_like({"a": jnp.ones(()), "b": jnp.ones(1)},
+                              tree)["a"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])

@@ -335,6 +335,64 @@ def test_transformation_without_axis_name_is_rejected():
         step(as_jax(params), tx.init(as_jax(params)), as_jax(batch))
 
 
+def _pmap_inputs(tx, params, batch):
+    p = as_jax(params)
+    b = jax.tree.map(lambda a: a.reshape((N_DEV, -1) + a.shape[1:]),
+                     as_jax(batch))
+    return parallel.replicate(p), parallel.replicate(tx.init(p)), b
+
+
+def test_pmap_transformation_without_axis_name_is_rejected():
+    """Under pmap nothing types the updates: without the check each replica
+    applied its own update and the replicas drifted apart silently."""
+    params, batch = make_problem()
+    tx = sam_optax.sam(base(), RHO)
+    step = parallel.pmap_step(tx, loss_fn, axis_name="batch")
+    with pytest.raises(ValueError, match="(?s)replicas of 'batch'.*"
+                       "axis_name='batch'.*drift apart"):
+        step(*_pmap_inputs(tx, params, batch))
+    # What the check prevents: the replicas no longer agree after one step.
+    p, _, _ = step.mapped(*_pmap_inputs(tx, params, batch))
+    assert np.max(np.abs(np.asarray(p["w"][1] - p["w"][0]))) > 1e-4
+
+
+MISMATCH_STEPS = {  # the step's axis is "data" (or "chunks"); the tx's "batch"
+    "pmap": lambda tx: parallel.pmap_step(tx, loss_fn, axis_name="data"),
+    "shard_map": lambda tx: jax.jit(parallel.shard_map_step(
+        tx, loss_fn, parallel.data_mesh("data"), "data")),
+    "jit_helper": lambda tx: parallel.data_parallel_step(tx, loss_fn),
+    "chunks": lambda tx: jax.jit(parallel.chunked_step(tx, loss_fn, 4)),
+}
+
+
+@pytest.mark.parametrize("path", sorted(MISMATCH_STEPS))
+@pytest.mark.parametrize("tx_kwargs", [
+    {"axis_name": "batch"},
+    {"axis_name": "STEP", "perturbation_axis_name": "batch"}])
+def test_axis_name_mismatch_names_both_axes(path, tx_kwargs):
+    """Was a bare AssertionError (shard_map) or a NameError pointing to
+    shard_map (pmap, vmap): now one ValueError naming both axes."""
+    params, batch = make_problem()
+    step_axis = "chunks" if path == "chunks" else "data"
+    tx_kwargs = {k: step_axis if v == "STEP" else v for k, v in tx_kwargs.items()}
+    tx = sam_optax.sam(base(), RHO, **tx_kwargs)
+    step = MISMATCH_STEPS[path](tx)
+    args = ((_pmap_inputs(tx, params, batch)) if path == "pmap" else
+            (as_jax(params), tx.init(as_jax(params)), as_jax(batch)))
+    with pytest.raises(ValueError, match=(
+            f"(?s)axis 'batch'.* maps over '{step_axis}'.*"
+            f"axis_name='{step_axis}'.*axis_name='batch'")):
+        step(*args)
+
+
+@pytest.mark.parametrize("builder", ["shard_map_step", "data_parallel_step"])
+def test_step_axis_missing_from_mesh_is_refused_at_build(builder):
+    tx = sam_optax.sam(base(), RHO, axis_name="batch")
+    with pytest.raises(ValueError, match="(?s)'batch'.*axes: \\('data',\\)"):
+        getattr(parallel, builder)(tx, loss_fn, parallel.data_mesh("data"),
+                                   "batch")
+
+
 def test_explicit_mesh_axes_work_with_jit_helper():
     params, batch = make_problem()
     expected = reference(params, batch, groups=per_chunk_groups())

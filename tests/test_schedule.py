@@ -212,3 +212,24 @@ def test_family_zero_grad_bf16_no_retrace_bad_arguments(name):
                     np.testing.assert_array_equal(a, b)
             params = new_params
     assert traces[0] == 2  # once per dtype, never per step
+
+
+def test_ae_sam_statistics_match_reference_at_every_step():
+    # The decisions alone can hide a wrong statistic (e.g. σ² measured around
+    # μ_{t-1} instead of μ_t): compare μ_t and σ²_t themselves, every step.
+    problem = PROBLEMS["mlp"]()
+    steps, delta = 20, 0.7
+    expected_stats = []
+    run_reference(problem, SGD(0.3, momentum=0.9), steps,
+                  ae_sam_direction(lambda t: 0.0, delta, expected_stats))
+    tx = sam_optax.ae_sam(optax.sgd(0.3, momentum=0.9), 0.05, c=0.0,
+                          delta=delta)
+    states = []
+    run_tx(tx, problem, steps, states)
+    for t, state in enumerate(states):
+        policy = sam_optax.core.find_sam_states(state)[0].schedule_state
+        mean, var = expected_stats[t]
+        np.testing.assert_allclose(float(policy.mean), mean, rtol=1e-4,
+                                   err_msg=f"mean, step {t}")
+        np.testing.assert_allclose(float(policy.variance), var, rtol=1e-3,
+                                   atol=1e-7 * mean ** 2, err_msg=f"var, step {t}")
