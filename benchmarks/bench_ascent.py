@@ -10,6 +10,7 @@ Usage::
   python benchmarks/bench_ascent.py                          # mlp, 50 rounds
   python benchmarks/bench_ascent.py --workload cnn_bn --rounds 100
   python benchmarks/bench_ascent.py --batch-size 32 --rounds 5 --out /tmp/b
+  python benchmarks/bench_ascent.py --configs asam,multistep_sam  # + base, sam
 
 Results go to ``<out>/ascent_<workload>_<device>.{md,json}`` (default
 ``benchmarks/results``).
@@ -19,24 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import sys
-import time
+import re
 from collections.abc import Callable
 from typing import Any
 
+import common
 import jax
 import optax
 from tqdm.auto import tqdm
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# Runnable from a checkout without installing: the repo root holds sam_optax.
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-import common  # noqa: E402
-
-import sam_optax  # noqa: E402
-
-RESULTS_DIR = os.path.join(_HERE, "results")
+import sam_optax
 
 
 def base_tx() -> optax.GradientTransformation:
@@ -64,6 +57,11 @@ CONFIGS: dict[str, tuple[Callable[[], Any] | None, int]] = {
 }
 
 
+def _method(name: str) -> str:
+    """A row's method: its name up to the first space or comma."""
+    return re.split(r"[ ,]", name, maxsplit=1)[0]
+
+
 def build(workload: common.Workload, name: str, key: jax.Array):
     make_tx, _ = CONFIGS[name]
     params, model_state = workload.init(key)
@@ -87,41 +85,44 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=50,
                         help="timed rounds (each runs every configuration once)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--configs", default="",
+                        help="comma-separated methods, by the first word of "
+                        "their row (base and sam are always kept), e.g. "
+                        "'asam,multistep_sam'")
+    parser.add_argument("--out", default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
+    names = list(CONFIGS)
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",") if c.strip()}
+        unknown = wanted - {_method(n) for n in names}
+        if unknown:
+            parser.error(f"unknown --configs {sorted(unknown)}; choose from "
+                         f"{sorted({_method(n) for n in names})}")
+        names = [n for n in names
+                 if n in ("base", "sam") or _method(n) in wanted]
 
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform})")
+    machine = common.machine_info()
+    print(common.device_line(machine))
     workload = common.make_workload(args.workload, args.batch_size)
     key = jax.random.key(0)
-    names = list(CONFIGS)
-    built = {}
-    for name in tqdm(names, desc="compile"):
-        built[name] = build(workload, name, key)
+    built = {name: build(workload, name, key)
+             for name in tqdm(names, desc="compile")}
 
-    def run(name: str) -> float:
+    def sample(name: str) -> Callable[[], float]:
         compiled, carry, batch = built[name]
-        start = time.perf_counter()
-        params, model_state, opt_state, loss = compiled.executable(*carry, batch)
-        loss.block_until_ready()
-        elapsed = time.perf_counter() - start
-        carry[:] = [params, model_state, opt_state]
-        return elapsed
 
-    for _ in range(args.warmup):
-        for name in names:
-            run(name)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    order = names[:]
-    rng = random.Random(0)
-    for _ in tqdm(range(args.rounds), desc="rounds"):
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(run(name))
+        def run() -> float:
+            seconds, out = common.timed(compiled.executable, *carry, batch)
+            carry[:] = out[:3]  # params, model state, optimizer state
+            return seconds
 
+        return run
+
+    times = common.interleaved_rounds(
+        {name: sample(name) for name in built}, rounds=args.rounds,
+        warmup=args.warmup)
     rows = []
-    for name in names:
-        compiled, carry, _ = built[name]
+    for name, (compiled, carry, _) in built.items():
         rows.append({
             "method": name,
             "grad_evals": CONFIGS[name][1],
@@ -132,15 +133,10 @@ def main(argv=None) -> dict[str, Any]:
             "opt_state_bytes": common.tree_bytes(carry[2]),
         })
     payload = {"benchmark": "ascent", "workload": workload.description,
-               "rounds": args.rounds, "machine": common.machine_info(),
-               "rows": rows}
+               "rounds": args.rounds, "machine": machine, "rows": rows}
     stem = os.path.join(args.out,
                         f"ascent_{workload.name}_{common.device_slug()}")
-    common.write_json(stem + ".json", payload)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(payload))
-    print(markdown(payload))
-    print(f"wrote {stem}.md and .json")
+    common.write_results(stem, payload, markdown(payload))
     return payload
 
 
@@ -149,9 +145,10 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         f"# Ascent methods: step time ({machine['device_kind']})",
         "",
+        common.device_line(machine),
+        "",
         f"Workload: {payload['workload']}. {payload['rounds']} interleaved "
-        f"rounds; JAX {machine['jax']}, {machine['date_utc']}. Ratios: median "
-        "of per-round ratios [quartiles]. Command: "
+        "rounds. Ratios: median of per-round ratios [quartiles]. Command: "
         "`python benchmarks/bench_ascent.py`.",
         "",
         "| method | grad evals | median ms | × base | × sam | opt state MB |",

@@ -1,7 +1,8 @@
 """Where `sam_optax.sam`'s overhead over a hand-written SAM step comes from.
 
-An ablation on one workload (default W1, the MLP, whose 0.3 ms GPU step shows
-every microsecond), timed in interleaved rounds like ``bench_speed.py``:
+An ablation on one workload (default W1, the MLP: its GPU step is short, so
+every microsecond of host or kernel overhead shows), timed in interleaved
+rounds like ``bench_speed.py``:
 
 * ``handwritten``: the minimal two-gradient SAM step (the floor);
 * ``handwritten + k scalars``: the same step passing ``k`` extra float32
@@ -16,8 +17,9 @@ every microsecond), timed in interleaved rounds like ``bench_speed.py``:
 The last two patch ``sam_optax.numerics`` while their step is traced, and only
 then: they measure alternatives, they are not options of the library.
 
-Run: ``python benchmarks/bench_overhead.py`` (about 1 min on 2 CPU cores);
-writes ``benchmarks/results/overhead_<device>.{md,json}``.
+Run: ``python benchmarks/bench_overhead.py``; writes
+``benchmarks/results/overhead_<device>.{md,json}`` (the measured times are
+there, not here).
 """
 
 from __future__ import annotations
@@ -25,20 +27,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
-import sys
-import time
 
+import common
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-
-import sam_optax  # noqa: E402
-from sam_optax import numerics  # noqa: E402
+import sam_optax
+from sam_optax import numerics
 
 
 def _one_plain_sum(tree, mask_tree, up, down):
@@ -119,14 +115,15 @@ def build_rows(workload, base_tx, rho, params, model_state, batch,
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="mlp",
-                        choices=("mlp", "cnn", "cnn_bn"))
+                        choices=common.WORKLOAD_NAMES)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--out", default=os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
 
+    machine = common.machine_info()
+    print(common.device_line(machine))
     workload = common.make_workload(args.workload)
     key = jax.random.PRNGKey(0)
     params, model_state = workload.init(key)
@@ -135,25 +132,15 @@ def main(argv=None) -> dict:
     rows = build_rows(workload, base_tx, args.rho, params, model_state, batch,
                       extra_scalars=(2, 9))
 
-    def call(compiled, state):
-        jax.block_until_ready(compiled.executable(params, model_state, state,
-                                                  batch))
+    def sample(compiled, state):
+        # No donation: every call starts from the same inputs.
+        return lambda: common.timed(compiled.executable, params, model_state,
+                                    state, batch)[0]
 
-    for _, compiled, state in rows:
-        for _ in range(args.warmup):
-            call(compiled, state)
-    times = {name: [] for name, _, _ in rows}
-    order = list(range(len(rows)))
-    rng = random.Random(0)
-    for _ in range(args.rounds):
-        rng.shuffle(order)
-        for i in order:
-            name, compiled, state = rows[i]
-            start = time.perf_counter()
-            call(compiled, state)
-            times[name].append(time.perf_counter() - start)
+    times = common.interleaved_rounds(
+        {name: sample(compiled, state) for name, compiled, state in rows},
+        rounds=args.rounds, warmup=args.warmup)
 
-    machine = common.machine_info()
     results = []
     for name, compiled, _ in rows:
         ratio, q25, q75 = common.paired_ratio(times[name], times["handwritten"])
@@ -181,17 +168,11 @@ def main(argv=None) -> dict:
             f"[{r['q25_ms']:.3f}–{r['q75_ms']:.3f}] | {r['x_handwritten']:.3f} "
             f"[{r['x_handwritten_q25']:.3f}–{r['x_handwritten_q75']:.3f}] | "
             f"{r['flops'] / 1e9:.3f} |")
-    lines.append("")
     slug = common.device_slug()
     suffix = "" if args.workload == "mlp" else f"_{args.workload}"
-    md_path = os.path.join(args.out, f"overhead_{slug}{suffix}.md")
-    os.makedirs(args.out, exist_ok=True)
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines))
     payload = {"machine": machine, "settings": vars(args), "rows": results}
-    common.write_json(md_path[:-3] + ".json", payload)
-    print("\n".join(lines))
-    print(f"wrote {md_path}, .json")
+    common.write_results(os.path.join(args.out, f"overhead_{slug}{suffix}"),
+                         payload, "\n".join(lines))
     return payload
 
 

@@ -1,8 +1,8 @@
 """Data-parallel SAM: step time over 1, 2, 4, 8 devices and collectives per step.
 
 For each device count n, three jitted steps over a mesh of n devices (batch
-split over the ``data`` axis) are timed, interleaved round by round, and their
-median is reported:
+split over the ``data`` axis) are timed in interleaved rounds
+(``common.interleaved_rounds``); ratios are medians of per-round ratios:
 
 * ``base``: plain data parallelism, ``pmean`` of the gradient, then SGD;
 * ``sam``: per-shard ε (``sam_optax.parallel.data_parallel_step``);
@@ -12,34 +12,46 @@ The compiled HLO of each is searched for all-reduce ops. Expected: per-shard
 SAM has one gradient all-reduce per step (of ``g_sam``) plus a few scalar ones
 (loss, diagnostics); synchronised SAM has one more (of ``g``).
 
-On CPU, ``--devices`` fake devices are created with
-``--xla_force_host_platform_device_count``: they share the same cores, so the
-times show the overhead of the parallel step, **not** a speed-up.
+On CPU, ``--devices`` fake devices are created (``jax_num_cpu_devices``):
+they share the same cores, so the times show the overhead of the parallel
+step, **not** a speed-up.
 
     python benchmarks/bench_parallel.py [--devices 8] [--steps 30] [--width 256]
+
+Results: ``<out>/parallel_<device>.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import statistics
-import sys
-import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import common
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sam_optax
+from sam_optax import parallel
+
+STEPS = ("base", "sam", "sam_sync")
 
 
-def parse_args():
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=8,
                         help="fake CPU devices (ignored on GPU/TPU)")
     parser.add_argument("--steps", type=int, default=30, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--width", type=int, default=256, help="MLP width")
-    parser.add_argument("--out", default=os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results"))
-    return parser.parse_args()
+    parser.add_argument("--out", default=common.RESULTS_DIR)
+    return parser.parse_args(argv)
 
 
 def count_all_reduces(hlo: str) -> tuple[int, int, int]:
@@ -65,121 +77,62 @@ def count_all_reduces(hlo: str) -> tuple[int, int, int]:
     return ops, tensors, elements
 
 
-def main():
-    args = parse_args()
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
-                               f"--xla_force_host_platform_device_count={args.devices}")
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from tqdm import tqdm
+def base_step(tx: optax.GradientTransformation, loss_fn, mesh):
+    """Plain data parallelism, jitted: per-shard gradient, ``pmean``, base
+    update."""
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import sam_optax
-    from sam_optax import parallel
+    def body(params, opt_state, batch):
+        grads = jax.grad(loss_fn)(parallel.to_varying(params, "data"), batch)
+        grads = jax.lax.pmean(grads, "data")
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jnp.zeros([])
 
-    device_kind = jax.devices()[0].device_kind
-    print("device:", device_kind, "count:", jax.device_count())
+    shardings = (NamedSharding(mesh, P()),) * 2 + (NamedSharding(mesh, P("data")),)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("data")),
+                                 out_specs=(P(), P(), P())),
+                   in_shardings=shardings, out_shardings=shardings[0])
 
-    rng = np.random.RandomState(0)
-    dims = [64, args.width, args.width, 10]
-    params = {f"layer{i}": {"w": jnp.asarray(rng.randn(a, b) / np.sqrt(a),
-                                             jnp.float32),
-                            "b": jnp.zeros(b, jnp.float32)}
-              for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))}
-    batch = {"x": jnp.asarray(rng.randn(args.batch, dims[0]), jnp.float32),
-             "y": jnp.asarray(rng.randint(0, 10, args.batch), jnp.int32)}
 
-    def loss_fn(p, b):
-        h = b["x"]
-        for i in range(len(dims) - 1):
-            h = h @ p[f"layer{i}"]["w"] + p[f"layer{i}"]["b"]
-            if i < len(dims) - 2:
-                h = jax.nn.relu(h)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-            h, b["y"]))
+def build(n: int, loss_fn, params, batch) -> dict[str, dict[str, Any]]:
+    """The three steps on ``n`` devices, compiled once, with their
+    all-reduces."""
+    mesh = parallel.data_mesh("data", jax.devices()[:n])
+    base = optax.sgd(0.01, momentum=0.9)
+    txs = {"base": base,
+           "sam": sam_optax.sam(base, 0.05, axis_name="data"),
+           "sam_sync": sam_optax.sam(base, 0.05, axis_name="data",
+                                     sync_perturbation=True)}
+    built = {}
+    for name, tx in txs.items():
+        jitted = (base_step(tx, loss_fn, mesh) if name == "base"
+                  else parallel.data_parallel_step(tx, loss_fn, mesh).jitted)
+        state = tx.init(params)
+        compiled = jitted.lower(params, state, batch).compile()
+        ops, tensors, elements = count_all_reduces(compiled.as_text())
+        # Placed once: later calls get the step's own (placed) outputs.
+        carry = jax.device_put((params, state), compiled.input_shardings[0][:2])
+        placed_batch = jax.device_put(batch, compiled.input_shardings[0][2])
+        built[name] = {"step": compiled, "carry": list(carry),
+                       "batch": placed_batch, "all_reduces": ops,
+                       "reduced_tensors": tensors, "reduced_elements": elements}
+    return built
 
-    def base_step(tx, mesh):
-        def body(p, s, b):
-            grads = jax.grad(loss_fn)(parallel.to_varying(p, "data"), b)
-            grads = jax.lax.pmean(grads, "data")
-            updates, s = tx.update(grads, s, p)
-            return optax.apply_updates(p, updates), s, jnp.zeros([])
-        shardings = (NamedSharding(mesh, P()),) * 2 + (
-            NamedSharding(mesh, P("data")),)
-        jitted = jax.jit(jax.shard_map(body, mesh=mesh,
-                                       in_specs=(P(), P(), P("data")),
-                                       out_specs=(P(), P(), P())),
-                         in_shardings=shardings, out_shardings=shardings[0])
 
-        def step(p, s, b):
-            return jitted(*jax.device_put((p, s, b), shardings))
-        step.jitted = jitted
-        return step
-
-    counts = [n for n in (1, 2, 4, 8) if n <= jax.device_count()]
-    configs = {}
-    for n in counts:
-        mesh = parallel.data_mesh("data", jax.devices()[:n])
-        base = optax.sgd(0.01, momentum=0.9)
-        txs = {"base": base,
-               "sam": sam_optax.sam(base, 0.05, axis_name="data"),
-               "sam_sync": sam_optax.sam(base, 0.05, axis_name="data",
-                                         sync_perturbation=True)}
-        for name, tx in txs.items():
-            step = (base_step(tx, mesh) if name == "base"
-                    else parallel.data_parallel_step(tx, loss_fn, mesh))
-            state = tx.init(params)
-            hlo = step.jitted.lower(params, state, batch).compile().as_text()
-            ops, tensors, elements = count_all_reduces(hlo)
-            p, s, _ = step(params, state, batch)  # compile + warm up
-            jax.block_until_ready(p)
-            configs[(n, name)] = {"step": step, "p": p, "s": s, "times": [],
-                                  "all_reduces": ops,
-                                  "reduced_tensors": tensors,
-                                  "reduced_elements": elements}
-
-    for _ in tqdm(range(args.steps), desc="rounds"):
-        for cfg in configs.values():  # interleaved: same machine load
-            start = time.perf_counter()
-            cfg["p"], cfg["s"], _ = cfg["step"](cfg["p"], cfg["s"], batch)
-            jax.block_until_ready(cfg["p"])
-            cfg["times"].append(time.perf_counter() - start)
-
-    rows = []
-    for (n, name), cfg in configs.items():
-        median = statistics.median(cfg["times"])
-        base_median = statistics.median(configs[(n, "base")]["times"])
-        sam_median = statistics.median(configs[(n, "sam")]["times"])
-        rows.append({"devices": n, "step": name, "median_ms": median * 1e3,
-                     "vs_base": median / base_median,
-                     "vs_sam": median / sam_median,
-                     "all_reduces": cfg["all_reduces"],
-                     "reduced_tensors": cfg["reduced_tensors"],
-                     "reduced_elements": cfg["reduced_elements"]})
-    result = {"device_kind": device_kind, "platform": jax.devices()[0].platform,
-              "jax": jax.__version__, "batch": args.batch, "width": args.width,
-              "rounds": args.steps, "rows": rows}
-    slug = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    base_path = os.path.join(args.out, f"parallel_{slug}")
-    with open(base_path + ".json", "w") as f:
-        json.dump(result, f, indent=2)
+def markdown(machine: dict, args: argparse.Namespace, rows: Sequence[dict],
+             workload: common.Workload, n_params: int, n_leaves: int) -> str:
     lines = [
-        f"# Data-parallel SAM step time ({device_kind}, JAX {jax.__version__})",
+        f"# Data-parallel SAM step time ({machine['device_kind']})",
         "",
-        f"MLP 64-{args.width}-{args.width}-10, global batch {args.batch}, "
-        f"median of {args.steps} interleaved rounds. "
+        common.device_line(machine),
+        "",
+        f"{workload.description} (global), {args.steps} interleaved rounds; "
+        "ratios are medians of per-round ratios. "
         "`python benchmarks/bench_parallel.py`.",
         "",
     ]
-    if jax.devices()[0].platform == "cpu":
+    if machine["platform"] == "cpu":
         lines += ["Fake CPU devices share the same cores: this shows the "
                   "overhead of the parallel step, not a speed-up.", ""]
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     lines += ["| devices | step | median ms | vs base | vs SAM | all-reduce ops "
               "| non-scalar tensors reduced | elements reduced / #params |",
               "|---|---|---|---|---|---|---|---|"]
@@ -188,15 +141,66 @@ def main():
                      f"{r['vs_base']:.2f} | {r['vs_sam']:.2f} | "
                      f"{r['all_reduces']} | {r['reduced_tensors']} | "
                      f"{r['reduced_elements'] / n_params:.2f} |")
-    lines += ["", f"{n_params} parameters in {len(jax.tree.leaves(params))} "
-              "leaves. XLA combines several reductions into one tuple "
-              "all-reduce, so the op count is small; 'elements reduced / "
-              "#params' counts how many gradient-sized reductions a step "
-              "does (the rest are scalars: loss, diagnostics). With one "
-              "device the all-reduces are trivial (nothing to exchange)."]
-    with open(base_path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", f"{n_params} parameters in {n_leaves} leaves. XLA combines "
+              "several reductions into one tuple all-reduce, so the op count "
+              "is small; 'elements reduced / #params' counts how many "
+              "gradient-sized reductions a step does (the rest are scalars: "
+              "loss, diagnostics). With one device the all-reduces are "
+              "trivial (nothing to exchange)."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    # Before the first device query: only then does the CPU backend take it.
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    machine = common.machine_info()
+    print(common.device_line(machine))
+
+    workload = common.mlp_workload(args.batch, input_dim=64,
+                                   hidden=(args.width, args.width))
+    key = jax.random.PRNGKey(0)
+    params, _ = workload.init(key)
+    batch = workload.batch(jax.random.fold_in(key, 1))
+    loss_fn = lambda p, b: workload.loss(p, {}, b)[0]
+
+    configs = {}
+    for n in (n for n in (1, 2, 4, 8) if n <= jax.device_count()):
+        for name, cfg in build(n, loss_fn, params, batch).items():
+            configs[(n, name)] = cfg
+
+    def sample(cfg: dict[str, Any]):
+        def run() -> float:
+            seconds, (params, state, _) = common.timed(
+                cfg["step"], *cfg["carry"], cfg["batch"])
+            cfg["carry"] = [params, state]
+            return seconds
+
+        return run
+
+    times = common.interleaved_rounds(
+        {key: sample(cfg) for key, cfg in configs.items()}, rounds=args.steps,
+        warmup=args.warmup)
+    rows = []
+    for (n, name), cfg in configs.items():
+        summary = common.summarize(times[(n, name)])
+        rows.append({"devices": n, "step": name,
+                     "median_ms": summary["median_ms"],
+                     "vs_base": common.paired_ratio(times[(n, name)],
+                                                    times[(n, "base")])[0],
+                     "vs_sam": common.paired_ratio(times[(n, name)],
+                                                   times[(n, "sam")])[0],
+                     "all_reduces": cfg["all_reduces"],
+                     "reduced_tensors": cfg["reduced_tensors"],
+                     "reduced_elements": cfg["reduced_elements"]})
+    leaves = jax.tree.leaves(params)
+    n_params = sum(int(x.size) for x in leaves)
+    payload = {"machine": machine, "workload": workload.description,
+               "settings": vars(args), "rows": rows}
+    common.write_results(
+        os.path.join(args.out, f"parallel_{common.device_slug()}"), payload,
+        markdown(machine, args, rows, workload, n_params, len(leaves)))
+    return payload
 
 
 if __name__ == "__main__":

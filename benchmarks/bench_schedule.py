@@ -16,7 +16,7 @@ gradient (from ``sam_optax.diagnostics``).
 
 Usage::
 
-  python benchmarks/bench_schedule.py                 # quick (a few minutes)
+  python benchmarks/bench_schedule.py                 # quick: 200 steps per row
   python benchmarks/bench_schedule.py --full          # >= 5000 steps per row
   python benchmarks/bench_schedule.py --rounds 100 --block 10 --workloads mlp
 
@@ -26,32 +26,27 @@ Results: ``<out>/schedule_<device>.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import random
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import common
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import sam_optax
 
-import sam_optax  # noqa: E402
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGETS = {"looksam": 1.35, "msam": 1.10}  # × base step, from the issue
 CPU_NOTE = (
     "On CPU the figures are indicative only: a step is compute-bound, and "
     "XLA:CPU runs a convolution gradient inside `lax.cond` (or any nested "
-    "computation) far slower than at top level (CNN, batch 8: ~25 ms at top "
-    "level, ~300-500 ms inside `lax.cond` or `lax.while_loop`), so on the CPU "
-    "CNN the conditional methods cost more than SAM. The full-size run "
-    "(`--full`) on a GPU is the reference for the targets.")
+    "computation, such as `lax.while_loop`) far slower than at top level, so "
+    "on the CPU CNN the conditional methods cost more than SAM (the CNN rows "
+    "above show by how much). The full-size run (`--full`) on a GPU is the "
+    "reference for the targets.")
 
 
 def configs(base_tx: optax.GradientTransformation, rho: float,
@@ -110,45 +105,42 @@ def run_workload(workload: common.Workload, args: argparse.Namespace,
             *carry, loss, _ = compiled.executable(*carry, batch)
         jax.block_until_ready(carry)
         prepared[name] = {"run": compiled.executable, "carry": tuple(carry),
-                          "compile_s": compiled.compile_s, "times": [],
+                          "compile_s": compiled.compile_s,
                           "paid": 0, "steps": 0,
                           "sam_like": builders[name] is not None}
 
     def run_block(p: dict) -> float:
-        carry = p["carry"]
-        paid = []
-        start = time.perf_counter()
-        for _ in range(args.block):
-            *carry, loss, perturbed = p["run"](*carry, batch)
-            paid.append(perturbed)  # a device scalar, read after the block
-        jax.block_until_ready((carry, loss))
-        elapsed = time.perf_counter() - start
-        p["carry"] = tuple(carry)
-        p["paid"] += int(sum(int(x) for x in paid))
-        p["steps"] += args.block
-        return elapsed / args.block
+        """One sample: ``args.block`` consecutive steps, seconds per step."""
 
-    order = list(names)
-    rng = random.Random(args.seed)
-    for _ in tqdm(range(args.rounds), desc=f"{workload.name}: rounds",
-                  disable=args.no_progress):
-        rng.shuffle(order)
-        for name in order:
-            prepared[name]["times"].append(run_block(prepared[name]))
+        def block(carry):
+            flags = []
+            for _ in range(args.block):
+                *carry, loss, perturbed = p["run"](*carry, batch)
+                flags.append(perturbed)  # device scalars, read after timing
+            return tuple(carry), loss, flags
+
+        seconds, (p["carry"], _, flags) = common.timed(block, p["carry"])
+        p["paid"] += int(sum(int(x) for x in flags))
+        p["steps"] += args.block
+        return seconds / args.block
+
+    times = common.interleaved_rounds(
+        {name: functools.partial(run_block, prepared[name]) for name in names},
+        rounds=args.rounds, seed=args.seed, desc=f"{workload.name}: rounds",
+        progress=not args.no_progress)
 
     rows = []
     for name in names:
         p = prepared[name]
         row = {"workload": workload.name, "config": name,
-               **common.summarize(p["times"]),
+               **common.summarize(times[name]),
                "steps": args.rounds * args.block,
                "compile_s": p["compile_s"],
                "second_gradient_fraction": (p["paid"] / p["steps"]
                                             if p["sam_like"] else 0.0)}
         for ref in ("base", "sam"):
             if ref in prepared:
-                q50, q25, q75 = common.paired_ratio(p["times"],
-                                                    prepared[ref]["times"])
+                q50, q25, q75 = common.paired_ratio(times[name], times[ref])
                 row[f"x_{ref}"], row[f"x_{ref}_q25"], row[f"x_{ref}_q75"] = (
                     q50, q25, q75)
         rows.append(row)
@@ -219,7 +211,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=0.01)
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--out", default=common.RESULTS_DIR)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.full:
@@ -234,36 +226,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
     machine = common.machine_info()
-    print(f"device: {machine['device_kind']} ({machine['platform']})")
+    print(common.device_line(machine))
     names = list(configs(optax.sgd(0.1), args.rho, 1))
     if args.configs:
         wanted = {c.strip() for c in args.configs.split(",")} | {"base"}
         names = [n for n in names if n in wanted]
-    rows, descriptions, report = [], {}, ""
-    for name in (w.strip() for w in args.workloads.split(",") if w.strip()):
+    rows, descriptions = [], {}
+    stem = os.path.join(args.out, f"schedule_{common.device_slug()}")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for i, name in enumerate(workloads):
         batch_size = args.batch_size
         if batch_size is None and name.startswith("cnn") and (
                 machine["platform"] == "cpu"):
-            batch_size = 32  # a full-size CNN step takes seconds on CPU
+            batch_size = 32  # the full-size CNN is too slow for a CPU run
         workload = common.make_workload(name, batch_size)
         descriptions[name] = workload.description
         rows += run_workload(workload, args, names)
-        report = write_results(machine, args, rows, descriptions)  # so far
-    print(report)
+        # Written after every workload: a long run keeps what it measured.
+        payload = {"machine": machine, "settings": {
+            k: v for k, v in vars(args).items() if k != "no_progress"},
+            "rows": rows}
+        common.write_results(stem, payload,
+                             markdown(machine, args, rows, descriptions),
+                             echo=i == len(workloads) - 1)
     return rows
-
-
-def write_results(machine: dict, args: argparse.Namespace, rows: list[dict],
-                  descriptions: dict[str, str]) -> str:
-    slug = common.device_slug()
-    payload = {"machine": machine, "settings": {
-        k: v for k, v in vars(args).items() if k != "no_progress"},
-        "rows": rows}
-    common.write_json(os.path.join(args.out, f"schedule_{slug}.json"), payload)
-    report = markdown(machine, args, rows, descriptions)
-    with open(os.path.join(args.out, f"schedule_{slug}.md"), "w") as f:
-        f.write(report)
-    return report
 
 
 if __name__ == "__main__":

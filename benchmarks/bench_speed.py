@@ -34,24 +34,17 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# Runnable from a checkout without installing: the repo root holds sam_optax.
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-import common  # noqa: E402
-
-import sam_optax  # noqa: E402
-
-RESULTS_DIR = os.path.join(_HERE, "results")
+import sam_optax
 
 # Variants as the library exposes them, with the settings their papers use.
 # A name that does not exist (yet) in `sam_optax` is skipped, so the table
@@ -186,27 +179,29 @@ def run_workload(workload: common.Workload, configs: Sequence[Config], *,
         prepared.append(Prepared(config, compiled, common.tree_bytes(opt_state),
                                  carry, []))
 
-    def run_one(p: Prepared) -> tuple[float, jax.Array]:
-        """Seconds per step over one sample (1 step, or a schedule's cycle)."""
-        start = time.perf_counter()
-        for _ in range(p.config.steps_per_sample):
-            *carry, loss = p.compiled.executable(*p.carry, batch)
-            p.carry = tuple(carry)
-        jax.block_until_ready((p.carry, loss))
-        return (time.perf_counter() - start) / p.config.steps_per_sample, loss
-
-    for p in prepared:
-        for _ in range(warmup):
-            run_one(p)
-    rng = np.random.default_rng(seed)
     losses = {}
-    for _ in tqdm(range(steps), desc=f"{workload.name}: timed rounds",
-                  disable=not progress):
-        for index in rng.permutation(len(prepared)):
-            p = prepared[index]
-            elapsed, loss = run_one(p)
-            p.times.append(elapsed)
-            losses[p.config.name] = loss
+
+    def sample(p: Prepared) -> Callable[[], float]:
+        """Seconds per step over one sample (1 step, or a schedule's cycle)."""
+
+        def steps_of_sample(carry):
+            for _ in range(p.config.steps_per_sample):
+                *carry, loss = p.compiled.executable(*carry, batch)
+            return tuple(carry), loss
+
+        def run() -> float:
+            seconds, (p.carry, losses[p.config.name]) = common.timed(
+                steps_of_sample, p.carry)
+            return seconds / p.config.steps_per_sample
+
+        return run
+
+    times = common.interleaved_rounds(
+        {p.config.name: sample(p) for p in prepared}, rounds=steps,
+        warmup=warmup, seed=seed, desc=f"{workload.name}: timed rounds",
+        progress=progress)
+    for p in prepared:
+        p.times = times[p.config.name]
 
     by_name = {p.config.name: p for p in prepared}
     rows = []
@@ -381,8 +376,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--variant-workloads", default="auto",
                         help="workloads that also time the variants: a "
                         "comma-separated list, 'all', or 'auto' (all on an "
-                        "accelerator; mlp only on CPU, where a CNN step takes "
-                        "seconds and all rows would not fit in 15 minutes)")
+                        "accelerator; mlp only on CPU, where the CNN rows "
+                        "would dominate the run time)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="override the workloads' batch size (smoke tests)")
     parser.add_argument("--base", default="sgd", choices=("sgd", "adam"),
@@ -390,7 +385,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=0.01)
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=RESULTS_DIR,
+    parser.add_argument("--out", default=common.RESULTS_DIR,
                         help="output folder for speed_<device>.{md,json,png}")
     parser.add_argument("--tag", default="",
                         help="suffix for the output names, speed_<device>_<tag>")
@@ -410,8 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     base_tx = make_base_tx(args.base, args.learning_rate)
     configs, notes = build_configs(base_tx, args.rho, only)
     machine = common.machine_info()
-    print(f"device: {machine['device_kind']} ({machine['platform']}); "
-          f"rows: {', '.join(c.name for c in configs)}")
+    print(common.device_line(machine))
+    print(f"rows: {', '.join(c.name for c in configs)}")
     missing = sorted({v[0] for v in VARIANTS} - set(sam_optax.__all__))
     if missing:
         notes.append("not (yet) in sam_optax, skipped: " + ", ".join(missing))
@@ -458,20 +453,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 "command": command}
     report = markdown_report(machine, settings, rows, checks, notes,
                              descriptions)
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"speed_{common.device_slug()}"
                         + (f"_{args.tag}" if args.tag else ""))
     payload = {"machine": machine, "settings": settings,
                "workloads": descriptions, "rows": rows, "targets": checks,
                "notes": notes}
-    common.write_json(stem + ".json", payload)
-    with open(stem + ".md", "w") as f:
-        f.write(report)
+    common.write_results(stem, payload, report)
     if not args.no_plot and rows:
         plot_ratios(rows, stem + ".png",
                     f"Step time / base step on {machine['device_kind']}")
-    print(report)
-    print(f"wrote {stem}.md, .json" + ("" if args.no_plot else ", .png"))
+        print(f"wrote {stem}.png")
     return payload
 
 

@@ -12,9 +12,15 @@ Every step built here has the signature
 ``step(params, model_state, opt_state, batch) -> (params, model_state,
 opt_state, loss)`` so that all configurations are timed the same way.
 
-Import from a script in ``benchmarks/`` with ``import common`` (the script's
-folder is on ``sys.path``) or from the repository root with
-``from benchmarks import common``.
+Measurement helpers: :func:`compile_step` (compiled step, FLOPs, memory),
+:func:`interleaved_rounds` (the timing loop every benchmark uses),
+:func:`paired_ratio` and :func:`summarize` (statistics), :func:`machine_info`
+and :func:`device_line` (what ran it), :func:`write_results` (the
+``<stem>.json`` and ``<stem>.md`` files in :data:`RESULTS_DIR`).
+
+A script in ``benchmarks/`` imports this module with ``import common``
+(``python benchmarks/x.py`` puts the script's folder on ``sys.path``);
+``sam_optax`` itself comes from the installed package (``pip install -e``).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -34,10 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 PyTree = Any
 Step = Callable[..., tuple]
 LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, PyTree]]
+
+#: Where every benchmark writes its results (``--out`` overrides it).
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # --------------------------------------------------------------------------
@@ -174,9 +185,7 @@ def make_workload(name: str, batch_size: Optional[int] = None) -> Workload:
     for smoke tests.
     """
     if name == "mlp":
-        size = batch_size or 256
-        return _flax_workload(
-            "mlp", f"W1 MLP 784-512-512-10, batch {size}", MLP(), (784,), size)
+        return mlp_workload(batch_size or 256)
     if name in ("cnn", "cnn_bn"):
         size = batch_size or 128
         batch_norm = name == "cnn_bn"
@@ -190,6 +199,17 @@ def make_workload(name: str, batch_size: Optional[int] = None) -> Workload:
 
 
 WORKLOAD_NAMES = ("mlp", "cnn", "cnn_bn")
+
+
+def mlp_workload(batch_size: int = 256, input_dim: int = 784,
+                 hidden: Sequence[int] = (512, 512)) -> Workload:
+    """An MLP ``input_dim``-``hidden``-10 with ReLU on a synthetic batch; the
+    defaults are W1."""
+    dims = "-".join(str(d) for d in (input_dim, *hidden, 10))
+    standard = input_dim == 784 and tuple(hidden) == (512, 512)
+    return _flax_workload(
+        "mlp", f"{'W1 ' if standard else ''}MLP {dims}, batch {batch_size}",
+        MLP(hidden=tuple(hidden)), (input_dim,), batch_size)
 
 
 # --------------------------------------------------------------------------
@@ -328,6 +348,43 @@ def compile_step(step: Step, *args: Any, donate: bool = True) -> Compiled:
                     temp)
 
 
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """``fn(*args)`` and the seconds it took, waiting for the device
+    (``jax.block_until_ready``): JAX dispatches asynchronously."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start, out
+
+
+def interleaved_rounds(samples: Mapping[Hashable, Callable[[], float]], *,
+                       rounds: int, warmup: int = 0, seed: int = 0,
+                       desc: str = "rounds", progress: bool = True
+                       ) -> dict[Hashable, list[float]]:
+    """Time several configurations in interleaved rounds: the timing loop.
+
+    ``samples[name]()`` runs one sample of configuration ``name`` and returns
+    its seconds per step (see :func:`timed`). Each configuration first runs
+    ``warmup`` untimed samples; then each round runs every configuration
+    once, in an order shuffled per round (seeded), so that the machine's
+    drift (other jobs, clock changes) hits all of them alike and
+    :func:`paired_ratio` can cancel it.
+
+    Returns:
+      ``{name: [seconds per step of each round]}``.
+    """
+    for run in samples.values():
+        for _ in range(warmup):
+            run()
+    times: dict[Hashable, list[float]] = {name: [] for name in samples}
+    order = list(samples)
+    rng = random.Random(seed)
+    for _ in tqdm(range(rounds), desc=desc, disable=not progress):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(samples[name]())
+    return times
+
+
 def paired_ratio(times: Sequence[float], reference: Sequence[float]
                  ) -> tuple[float, float, float]:
     """Median and quartiles of per-round ratios ``times[i] / reference[i]``.
@@ -366,7 +423,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-
 def device_line(machine: dict[str, Any]) -> str:
     """The "Device: ..." line every results file starts with."""
     return (f"Device: **{machine['device_kind']}** ({machine['platform']}, "
@@ -383,7 +439,21 @@ def device_slug() -> str:
 
 
 def write_json(path: str, payload: Any) -> None:
+    """``payload`` as indented JSON at ``path`` (folders made as needed)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def write_results(stem: str, payload: Any, report: str, *,
+                  echo: bool = True) -> None:
+    """A benchmark's results: ``<stem>.json`` (the payload, with its
+    :func:`machine_info`) and ``<stem>.md`` (the report, which starts with
+    the :func:`device_line`); ``echo`` prints the report and the paths."""
+    write_json(stem + ".json", payload)
+    with open(stem + ".md", "w") as f:
+        f.write(report if report.endswith("\n") else report + "\n")
+    if echo:
+        print(report)
+        print(f"wrote {stem}.md and {stem}.json")

@@ -36,9 +36,9 @@ import numpy as np
 import optax
 
 from sam_optax import masks, numerics, validation
-from sam_optax.core import Ascent, no_state
+from sam_optax.core import Ascent, Perturbation, no_state
+from sam_optax.types import Mask, PyTree
 
-PyTree = Any
 Seed = Union[int, jax.Array]
 # direction(grads, state, params) -> (v, new_state)
 DirectionFn = Callable[[PyTree, Any, PyTree], tuple[PyTree, Any]]
@@ -158,7 +158,7 @@ def _leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
 
 
 def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
-            *, mask: masks.Mask = None, scale: Optional[ScaleFn] = None,
+            *, mask: Mask = None, scale: Optional[ScaleFn] = None,
             norm: str = "l2") -> Ascent:
     """The one ascent mechanism: ``ε = ρ · S ⊙ unit(S ⊙ v)``.
 
@@ -181,8 +181,8 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
         masks.resolve(mask, params, "mask")  # fail early on a bad mask
         return init(params)
 
-    def perturbation(grads, state, params, *, rho, grad_fn, count):
-        del grad_fn, count
+    def perturbation(grads, state, params, *, rho, grad_fn):
+        del grad_fn
         mask_tree = masks.resolve(mask, params, "mask")
         v, state = direction(grads, state, params)
         s = None if scale is None else scale(grads, params)
@@ -190,7 +190,8 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
             # Plain SAM: ρ folds into the normalising factor (one multiply
             # per element instead of two), and ‖ε‖ = ρ where ε ≠ 0 is known.
             unit = numerics.normalize(v, mask_tree, scale=rho)
-            return unit.direction, state, jnp.where(unit.usable, rho, 0.0)
+            return Perturbation(unit.direction, state,
+                                norm=jnp.where(unit.usable, rho, 0.0))
         scaled = _multiply(v, s)
         if norm == "l2":
             unit = numerics.normalize(scaled, mask_tree)
@@ -204,7 +205,7 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
         epsilon = jax.tree.map(
             lambda e: jnp.where(usable, e, jnp.zeros([], e.dtype)),
             numerics.select_leaves(epsilon, mask_tree))
-        return epsilon, state
+        return Perturbation(epsilon, state)
 
     return Ascent(init=init_fn, perturbation=perturbation)
 
@@ -217,7 +218,7 @@ def _gradient(grads, state, params):
 # ------------------------------------------------------------------ ascents
 
 
-def normalized_ascent(mask: masks.Mask = None, norm: str = "l2") -> Ascent:
+def normalized_ascent(mask: Mask = None, norm: str = "l2") -> Ascent:
     """SAM's ascent (Foret et al. 2021, eq. 2 and App. C.5).
 
     .. math::
@@ -242,8 +243,8 @@ def normalized_ascent(mask: masks.Mask = None, norm: str = "l2") -> Ascent:
     return _ascent(_gradient, mask=mask, norm=norm)
 
 
-def adaptive_ascent(eta: float = 0.01, *, adaptive: masks.Mask = None,
-                    mask: masks.Mask = None) -> Ascent:
+def adaptive_ascent(eta: float = 0.01, *, adaptive: Mask = None,
+                    mask: Mask = None) -> Ascent:
     """ASAM's ascent (Kwon et al. 2021, eq. 11), with ``T_w = |w| + η``.
 
     .. math::
@@ -290,7 +291,7 @@ def adaptive_ascent(eta: float = 0.01, *, adaptive: masks.Mask = None,
     return _ascent(_gradient, init, mask=mask, scale=scale)
 
 
-def fisher_ascent(eta: float = 1.0, *, mask: masks.Mask = None) -> Ascent:
+def fisher_ascent(eta: float = 1.0, *, mask: Mask = None) -> Ascent:
     """Fisher-SAM's ascent (Kim et al. 2022, eq. 13-14).
 
     The Fisher information is approximated by its diagonal built from the
@@ -334,7 +335,7 @@ def fisher_ascent(eta: float = 1.0, *, mask: masks.Mask = None) -> Ascent:
 
 
 def friendly_ascent(sigma: float = 1.0, lmbda: float = 0.9, *,
-                    mask: masks.Mask = None) -> Ascent:
+                    mask: Mask = None) -> Ascent:
     """Friendly-SAM's ascent (Li et al. 2024, Alg. 1): remove the full-gradient
     component, estimated by an EMA of past gradients, from the ascent.
 
@@ -383,7 +384,7 @@ def friendly_ascent(sigma: float = 1.0, lmbda: float = 0.9, *,
 
 
 def variance_suppressed_ascent(theta: float = 0.4, *,
-                               mask: masks.Mask = None) -> Ascent:
+                               mask: Mask = None) -> Ascent:
     """VaSSO's ascent (Li & Giannakis 2023, eq. 5): normalise an EMA of
     gradients instead of the noisy mini-batch gradient.
 
@@ -425,7 +426,7 @@ def variance_suppressed_ascent(theta: float = 0.4, *,
     return _ascent(direction, init, mask=mask)
 
 
-def random_ascent(seed: Seed = 0, *, mask: masks.Mask = None) -> Ascent:
+def random_ascent(seed: Seed = 0, *, mask: Mask = None) -> Ascent:
     """A random direction of radius ρ (the ablation of Foret et al., App. C.5).
 
     .. math::
@@ -465,8 +466,50 @@ def random_ascent(seed: Seed = 0, *, mask: masks.Mask = None) -> Ascent:
     return _ascent(direction, init, mask=mask)
 
 
+def centralize(tree: PyTree) -> PyTree:
+    """Gradient centralization (Yong et al. 2020): each kernel leaf (two or
+    more axes) minus its mean over every axis but the last, Flax's output
+    axis; other leaves unchanged. Computed in the compute dtype.
+
+    .. math::
+
+      Φ(g)_{\\cdot j} = g_{\\cdot j} - \\tfrac{1}{n} \\textstyle\\sum_i g_{ij}
+
+    References:
+      Yong, Huang, Hua, Zhang. Gradient Centralization: A New Optimization
+      Technique for Deep Neural Networks. ECCV 2020.
+      https://arxiv.org/abs/2004.01461
+    """
+    def leaf(g):
+        if not numerics.is_float(g) or np.ndim(g) < 2:
+            return g
+        wide = numerics.as_compute(g)
+        return wide - jnp.mean(wide, axis=tuple(range(wide.ndim - 1)),
+                               keepdims=True)
+
+    return jax.tree.map(leaf, tree)
+
+
+def centralized_ascent(mask: Mask = None) -> Ascent:
+    """GCSAM's ascent: SAM's, on the centralized gradient (Hassan et al.
+    2025).
+
+    .. math::
+
+      ε = ρ \\frac{Φ(g)}{\\lVert Φ(g) \\rVert_2}
+
+    with :func:`centralize` as Φ.
+
+    References:
+      Hassan, Vakanski, Zhang, Xian. GCSAM: Gradient Centralized Sharpness
+      Aware Minimization. 2025. https://arxiv.org/abs/2501.11584
+    """
+    return _ascent(lambda grads, state, params: (centralize(grads), state),
+                   mask=mask)
+
+
 def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
-                     mask: masks.Mask = None) -> Ascent:
+                     mask: Mask = None) -> Ascent:
     """Several normalised ascent steps (Foret et al. 2021, App. C.6).
 
     With ``g_1 = g`` the clean gradient, α the step size (a fraction of ρ)
@@ -494,11 +537,11 @@ def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
     alpha = 1.0 / steps if step_size is None else float(step_size)
     first = normalized_ascent(mask=mask)
 
-    def perturbation(grads, state, params, *, rho, grad_fn, count):
-        epsilon, state, *_ = first.perturbation(grads, state, params, rho=rho,
-                                                grad_fn=grad_fn, count=count)
+    def perturbation(grads, state, params, *, rho, grad_fn):
+        first_step = first.perturbation(grads, state, params, rho=rho,
+                                        grad_fn=grad_fn)
         if steps == 1:
-            return epsilon, state
+            return first_step
         mask_tree = masks.resolve(mask, params, "mask")
 
         def ascend(_, eps):
@@ -512,7 +555,8 @@ def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
             return numerics.scale_tree(eps, shrink)
 
         # fori_loop: one trace of grad_fn whatever n is.
-        return jax.lax.fori_loop(1, steps, ascend, epsilon), state
+        epsilon = jax.lax.fori_loop(1, steps, ascend, first_step.epsilon)
+        return Perturbation(epsilon, first_step.state)
 
     return Ascent(init=first.init, perturbation=perturbation)
 
@@ -554,11 +598,10 @@ def stochastic_weight_perturbation(ascent: Ascent, beta: float = 0.6, *,
         return StochasticPerturbationState(key=_raw_key(seed),
                                            inner=ascent.init(params))
 
-    def perturbation(grads, state, params, *, rho, grad_fn, count):
-        # (A third element, ‖ε‖, would not hold after masking: dropped.)
-        epsilon, inner, *_ = ascent.perturbation(grads, state.inner, params,
-                                                 rho=rho, grad_fn=grad_fn,
-                                                 count=count)
+    def perturbation(grads, state, params, *, rho, grad_fn):
+        # (The wrapped ascent's ‖ε‖ would not hold after thinning: dropped.)
+        inner = ascent.perturbation(grads, state.inner, params, rho=rho,
+                                    grad_fn=grad_fn)
         key, draw = jax.random.split(state.key)
 
         def thin(k, e):
@@ -567,8 +610,10 @@ def stochastic_weight_perturbation(ascent: Ascent, beta: float = 0.6, *,
             return jnp.where(keep, e / jnp.asarray(beta, e.dtype),
                              jnp.zeros_like(e))
 
-        epsilon = jax.tree.map(thin, _leaf_keys(draw, epsilon), epsilon)
-        return epsilon, StochasticPerturbationState(key=key, inner=inner)
+        epsilon = jax.tree.map(thin, _leaf_keys(draw, inner.epsilon),
+                               inner.epsilon)
+        return Perturbation(
+            epsilon, StochasticPerturbationState(key=key, inner=inner.state))
 
     return Ascent(init=init, perturbation=perturbation)
 
@@ -579,6 +624,8 @@ __all__ = [
     "StochasticPerturbationState",
     "VarianceSuppressedState",
     "adaptive_ascent",
+    "centralize",
+    "centralized_ascent",
     "fisher_ascent",
     "friendly_ascent",
     "multistep_ascent",

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-PyTree = Any
+from sam_optax.types import PyTree
 
 
 def _is_typed_key(x: Any) -> bool:

@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import numerics, parallel, validation
-
-PyTree = Any
-AxisName = Union[str, Sequence[str], None]
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+from sam_optax import numerics, validation
+from sam_optax.collectives import (
+    check_local_gradients,
+    local_grad_fn,
+    replica_mean,
+)
+from sam_optax.types import AxisName, GradFn, PyTree, ScalarOrSchedule
 
 
 class SAMDiagnostics(NamedTuple):
@@ -129,44 +131,89 @@ def no_state(params: PyTree) -> tuple:
     return ()
 
 
+class Perturbation(NamedTuple):
+    """What an ascent returns.
+
+    Attributes:
+      epsilon: ε, with the tree of params, in each leaf's compute dtype
+        (float32 or wider), zero where nothing is perturbed.
+      state: the ascent's new state.
+      norm: ‖ε‖₂ when the ascent knows it for free (plain SAM: ρ, or 0 when
+        ε = 0), else ``None`` and the core measures it for the diagnostics
+        (measuring keeps ε alive through the second gradient).
+    """
+
+    epsilon: PyTree
+    state: Any
+    norm: Optional[jax.Array] = None
+
+
 class Ascent(NamedTuple):
     """How ε is computed from the clean gradient.
 
     Attributes:
-      init: ``init(params) -> ascent_state``.
-      perturbation: ``perturbation(grads, state, params, *, rho, grad_fn,
-        count) -> (epsilon, new_state)``. ``epsilon`` has the tree of params,
-        in each leaf's compute dtype (float32 or wider), zero where nothing is
-        perturbed. ``grad_fn(params) -> grads`` may be called for multi-step
-        ascents; the final gradient at ``params + epsilon`` is taken by the
-        core, never here. It may return a third element, ``‖epsilon‖``, when
-        it knows it for free; the core then does not measure it (measuring
-        it can keep an extra buffer alive through the second gradient).
+      init: ``init(params) -> state``.
+      perturbation: ``perturbation(grads, state, params, *, rho, grad_fn)
+        -> Perturbation``. ``grads`` is the gradient that defines ε (local,
+        or averaged over ``perturbation_axis_name``); ``grad_fn(params) ->
+        grads`` (averaged the same way) may be called by multi-step ascents;
+        the gradient at ``params + ε`` is taken by the core, never here.
     """
 
     init: Callable[[PyTree], Any]
-    perturbation: Callable[..., tuple[PyTree, Any]]
+    perturbation: Callable[..., Perturbation]
+
+
+class DescentResult(NamedTuple):
+    """What a descent returns.
+
+    Attributes:
+      grads: what ``base_tx`` receives (compute dtype; the core casts it to
+        the gradients' dtypes).
+      state: the descent's new state.
+      correction: a term added to ``base_tx``'s *update* (``None``: none),
+        for decoupled forms such as WSAM's sharpness step; a descent that
+        returns one sets ``Descent.corrects_updates``.
+    """
+
+    grads: PyTree
+    state: Any
+    correction: Optional[PyTree] = None
+
+
+class _CleanGradientsNotRequested:
+    """Stands in for ``g`` in ``combine`` when the descent declared
+    ``uses_clean_grads=False``: any use fails loudly instead of silently
+    reading the un-averaged local gradient."""
+
+    def __repr__(self) -> str:
+        return ("<clean gradients not passed: this Descent was built with "
+                "uses_clean_grads=False>")
 
 
 class Descent(NamedTuple):
     """What ``base_tx`` receives, from the clean and the perturbed gradients.
 
     Attributes:
-      init: ``init(params) -> descent_state``.
-      combine: ``combine(grads, perturbed_grads, state, params, *,
-        perturbation, rho, count) -> (descent_grads, new_state)`` on steps that
-        took the second gradient.
-      reuse: ``reuse(grads, state, params, *, count) -> (descent_grads,
-        new_state)`` on steps the schedule skipped (``None``: hand ``grads``
-        to ``base_tx`` unchanged, i.e. a plain base step).
-      uses_clean_grads: whether ``combine`` reads ``grads``; when False the
-        core skips averaging ``g`` over ``axis_name`` (one all-reduce fewer).
+      init: ``init(params) -> state``.
+      combine: ``combine(grads, perturbed_grads, state) -> DescentResult`` on
+        steps that took the second gradient. Under ``axis_name`` both
+        gradients are averaged over replicas.
+      reuse: ``reuse(grads, state) -> DescentResult`` on steps the schedule
+        skipped (``None``: hand ``grads`` to ``base_tx`` unchanged, a plain
+        base step).
+      uses_clean_grads: whether ``combine`` reads ``grads``. When False the
+        core saves the all-reduce of ``g`` and passes a placeholder that
+        fails on any use, so a wrong flag cannot go unnoticed.
+      corrects_updates: whether ``combine``/``reuse`` return a
+        ``correction`` (then a missing one counts as zero).
     """
 
     init: Callable[[PyTree], Any]
-    combine: Callable[..., tuple[PyTree, Any]]
-    reuse: Optional[Callable[..., tuple[PyTree, Any]]] = None
+    combine: Callable[[PyTree, PyTree, Any], DescentResult]
+    reuse: Optional[Callable[[PyTree, Any], DescentResult]] = None
     uses_clean_grads: bool = True
+    corrects_updates: bool = False
 
 
 class Schedule(NamedTuple):
@@ -206,6 +253,14 @@ _MULTISTEPS_OUTSIDE = (
     "SAM instead: `sam_optax.sam(optax.MultiSteps(base_tx, k).gradient_"
     "transformation(), rho)` takes a SAM step per micro-batch (its own ε and "
     "second gradient) and accumulates the SAM gradients for `base_tx`.")
+
+
+_CORRECTION_WITH_MULTISTEPS = (
+    "this method adds its own step to `base_tx`'s update (e.g. "
+    "`wsam(..., decoupled=True)`'s sharpness step), which would move the "
+    "params at every micro-batch while an `optax.MultiSteps` inside it waits "
+    "for k of them. Use the coupled form (`decoupled=False`), or accumulate "
+    "larger batches before calling `update`.")
 
 
 def split_value_and_grads(out: Any, params: PyTree, name: str = "grad_fn"
@@ -358,29 +413,6 @@ def perturbed_gradient(grad_fn: Callable[[PyTree], Any], params: PyTree,
     return split_value_and_grads(grad_fn(perturbed_params), params)
 
 
-def replica_mean(tree: PyTree, axis_name: AxisName,
-                 axis_index_groups: Optional[Sequence[Sequence[int]]] = None
-                 ) -> PyTree:
-    """``lax.pmean`` over ``axis_name`` (identity when None), safe under
-    ``shard_map``'s varying/invariant typing."""
-    if axis_name is None:
-        return tree
-    # Under shard_map, a value already averaged over some of the axes (e.g.
-    # a grouped ε's norm) must be typed varying over all of them first.
-    tree = parallel.to_varying(tree, axis_name)
-    if axis_index_groups is None:
-        return jax.lax.pmean(tree, axis_name)
-    try:
-        return jax.lax.pmean(tree, axis_name,
-                             axis_index_groups=axis_index_groups)
-    except NotImplementedError as err:  # JAX has groups under pmap only
-        raise ValueError(
-            "`perturbation_axis_index_groups` works under `jax.pmap` only; "
-            "under `jax.shard_map` put the groups on a second mesh axis and "
-            "pass it as `perturbation_axis_name`, under `vmap` split the "
-            "batch into groups with a second vmap.") from err
-
-
 def zero_diagnostics() -> SAMDiagnostics:
     """Diagnostics of a step that recorded nothing (all 0, not perturbed)."""
     zero = jnp.zeros([], jnp.float32)
@@ -407,6 +439,60 @@ def _as_scalar(value: Optional[jax.Array]) -> jax.Array:
     return jnp.asarray(value).astype(jnp.float32)
 
 
+def current_rho(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    """ρ at this step: at least float32 (``inject_hyperparams`` hands bf16 ρ
+    to bf16 params), float64 under x64 for a Python float.
+
+    A traced or scheduled ρ cannot be checked when the step is built:
+    negative and NaN values become 0 (a plain base step), never a flipped
+    or NaN ε (``NaN > 0`` is False).
+    """
+    rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
+    rho_t = rho_t.astype(jnp.promote_types(rho_t.dtype, jnp.float32))
+    return jnp.where(rho_t > 0, rho_t, jnp.zeros_like(rho_t))
+
+
+def check_update_call(grads: PyTree, params: PyTree,
+                      grad_fn: Optional[GradFn]) -> None:
+    """The errors every SAM-type ``update`` raises before doing anything."""
+    if grad_fn is None:
+        raise TypeError(_MISSING_GRAD_FN)
+    if _inside_multisteps():
+        raise TypeError(_MULTISTEPS_OUTSIDE)
+    check_single_argument(grad_fn)
+    if params is None:
+        raise ValueError(
+            "SAM perturbs the parameters: pass them, "
+            "`tx.update(grads, opt_state, params, grad_fn=...)`.")
+    validation.check_no_masked_nodes(params)
+    validation.check_same_structure(grads, params, "grads")
+
+
+def paid_diagnostics(ascent_grads: PyTree, perturbation: Perturbation,
+                     perturbed_grads: PyTree, value: Optional[jax.Array],
+                     perturbed_value: Optional[jax.Array],
+                     full: bool) -> SAMDiagnostics:
+    """The diagnostics of a step that took the second gradient (local: the
+    caller averages them over replicas)."""
+    loss, perturbed_loss = _as_scalar(value), _as_scalar(perturbed_value)
+    known = value is not None and perturbed_value is not None
+    return SAMDiagnostics(
+        # The ascent's own norm computation: XLA's CSE merges the two.
+        grad_norm=numerics.global_norm(ascent_grads),
+        # Reported by the ascent when it knows ‖ε‖ (plain SAM: ρ or 0); else
+        # measured (ε is well scaled, a plain norm suffices).
+        perturbation_norm=(numerics.plain_norm(perturbation.epsilon)
+                           if perturbation.norm is None
+                           else jnp.asarray(perturbation.norm, jnp.float32)),
+        cosine=(numerics.cosine_similarity(ascent_grads, perturbed_grads)
+                if full else _as_scalar(None)),
+        loss=loss,
+        perturbed_loss=perturbed_loss,
+        sharpness=perturbed_loss - loss if known else _as_scalar(None),
+        perturbed=jnp.ones([], jnp.bool_),
+    )
+
+
 def sharpness_aware(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule,
@@ -414,8 +500,8 @@ def sharpness_aware(
     ascent: Ascent,
     descent: Descent,
     schedule: Schedule,
-    axis_name: AxisName = None,
-    perturbation_axis_name: AxisName = None,
+    axis_name: Optional[AxisName] = None,
+    perturbation_axis_name: Optional[AxisName] = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
     full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -429,7 +515,8 @@ def sharpness_aware(
       u = \\mathrm{base\\_tx}(\\mathrm{descent}(g, g_{sam}))
 
     and, on steps the schedule skips, ``u = base_tx(descent.reuse(g))``
-    without evaluating ``∇L`` again.
+    without evaluating ``∇L`` again. A descent's ``correction`` is added to
+    ``u``.
 
     Args:
       base_tx: the optimizer that receives the (SAM) gradient.
@@ -446,9 +533,9 @@ def sharpness_aware(
         averaging (groups of replicas sharing one ε, under ``pmap``).
       full_diagnostics: also record ``cosine`` = cos∠(g, g_sam) (else 0).
         Off by default: it keeps ``g`` alive through the second gradient (a
-        parameter-sized buffer) and costs extra passes over both gradients, a
-        few percent on small parameter-heavy models
-        (``benchmarks/bench_speed.py``). The other diagnostics are always on.
+        parameter-sized buffer) and costs extra passes over both gradients
+        (``benchmarks/results/speed_*.md``). The other diagnostics are always
+        on.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -464,12 +551,23 @@ def sharpness_aware(
         raise ValueError(
             "`perturbation_axis_index_groups` needs `perturbation_axis_name` "
             "(the axis whose replicas are grouped).")
+    # ε averaged exactly as base_tx's gradient is: one all-reduce serves both.
+    same_average = (perturbation_axis_name == axis_name
+                    and perturbation_axis_index_groups is None)
+
+    def for_ascent(tree: PyTree) -> PyTree:
+        return replica_mean(tree, perturbation_axis_name,
+                            perturbation_axis_index_groups)
 
     def init_fn(params: PyTree) -> SAMState:
+        base_state = base_tx.init(params)
+        if descent.corrects_updates and find_states(base_state,
+                                                    optax.MultiStepsState):
+            raise ValueError(_CORRECTION_WITH_MULTISTEPS)
         return SAMState.create(
             count=jnp.zeros([], jnp.int32),
             rho=jnp.zeros([], jnp.float32),
-            base_state=base_tx.init(params),
+            base_state=base_state,
             ascent_state=ascent.init(params),
             descent_state=descent.init(params),
             schedule_state=schedule.init(params),
@@ -477,128 +575,96 @@ def sharpness_aware(
         )
 
     def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
-                  grad_fn: Optional[Callable[[PyTree], Any]] = None,
+                  grad_fn: Optional[GradFn] = None,
                   **extra_args: Any) -> tuple[PyTree, SAMState]:
-        if grad_fn is None:
-            raise TypeError(_MISSING_GRAD_FN)
-        if _inside_multisteps():
-            raise TypeError(_MULTISTEPS_OUTSIDE)
-        check_single_argument(grad_fn)
-        if params is None:
-            raise ValueError(
-                "SAM perturbs the parameters: pass them, "
-                "`tx.update(grads, opt_state, params, grad_fn=...)`.")
-        validation.check_no_masked_nodes(params)
-        validation.check_same_structure(grads, params, "grads")
+        check_update_call(grads, params, grad_fn)
         if axis_name is not None:
             # Inside shard_map: reject gradients summed over shards, and take
             # every further gradient at a varying point so it stays local.
-            parallel.check_local_gradients(grads, axis_name)
-            grad_fn = parallel.local_grad_fn(grad_fn, axis_name)
+            check_local_gradients(grads, axis_name)
+            grad_fn = local_grad_fn(grad_fn, axis_name)
         count = state.count
-        rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
-        # At least float32 (inject_hyperparams hands bf16 ρ to bf16 params),
-        # float64 when x64 is on and ρ came as a Python float.
-        rho_t = rho_t.astype(jnp.promote_types(rho_t.dtype, jnp.float32))
-        # A traced or scheduled ρ cannot be checked when the step is built:
-        # negative and NaN values become 0 (a plain base step), never a flip
-        # of ε's direction or a NaN. (NaN > 0 is False.)
-        rho_t = jnp.where(rho_t > 0, rho_t, jnp.zeros_like(rho_t))
-        clean_value = extra_args.get("value")
-        check_value(clean_value)
+        rho_t = current_rho(rho, count)
+        value = extra_args.get("value")
+        check_value(value)
 
-        def checked_grad_fn(point: PyTree) -> PyTree:
-            # Handed to the ascent only (multi-step ascents): its gradients
-            # are averaged like the `g` that defines ε, so a synchronised ε
-            # stays synchronised over every ascent step.
-            return replica_mean(split_value_and_grads(grad_fn(point), params)[1],
-                          perturbation_axis_name, perturbation_axis_index_groups)
+        # 1. g as each part sees it. The ascent's: local (m-sharpness) unless
+        #    averaged over `perturbation_axis_name`. The schedule's and the
+        #    descent's: averaged over replicas, so that all decide and step
+        #    alike -- computed only when someone reads it (an all-reduce).
+        ascent_grads = for_ascent(grads)
+        mean_grads = None
+        if schedule.uses_grads:
+            mean_grads = ascent_grads if same_average else replica_mean(
+                grads, axis_name)
 
-        # The gradient that defines ε: local (m-sharpness) unless averaged.
-        ascent_grads = replica_mean(grads, perturbation_axis_name,
-                              perturbation_axis_index_groups)
-        same_average = (perturbation_axis_name == axis_name
-                        and perturbation_axis_index_groups is None)
-        # The clean gradient as the descent and the schedule see it: averaged
-        # over replicas so that every replica takes the same decision/step.
-        # Averaged only when someone reads it (an all-reduce of param size).
-        averaged: list = []
-
-        def mean_grads() -> PyTree:
-            if not averaged:
-                averaged.append(ascent_grads if axis_name is None or same_average
-                                else replica_mean(grads, axis_name))
-            return averaged[0]
-
+        # 2. Whether this step pays for the second gradient.
         perturb, schedule_state = schedule.decide(
-            mean_grads() if schedule.uses_grads else grads,
+            grads if mean_grads is None else mean_grads,
             state.schedule_state, count=count)
-        if perturb is not True or descent.uses_clean_grads:
-            mean_grads()  # computed outside lax.cond, read inside it
+        if mean_grads is None and (perturb is not True
+                                   or descent.uses_clean_grads):
+            mean_grads = ascent_grads if same_average else replica_mean(
+                grads, axis_name)
 
-        def with_second_gradient(substates):
+        def paid(substates):
             ascent_state, descent_state = substates
-            epsilon, ascent_state, *known_norm = ascent.perturbation(
+            # 3. ε from g.
+            perturbation = ascent.perturbation(
                 ascent_grads, ascent_state, params, rho=rho_t,
-                grad_fn=checked_grad_fn, count=count)
+                grad_fn=lambda point: for_ascent(
+                    split_value_and_grads(grad_fn(point), params)[1]))
+            # 4. g_sam = ∇L(w + ε), the one second gradient.
             perturbed_value, perturbed_grads = perturbed_gradient(
-                grad_fn, params, epsilon)
-            diagnostics = SAMDiagnostics(
-                # Same computation as the ascent's norm: XLA's CSE merges them.
-                grad_norm=numerics.global_norm(ascent_grads),
-                # Reported by the ascent when it knows ‖ε‖ (plain SAM: ρ);
-                # else measured (ε is well scaled, a plain norm suffices).
-                perturbation_norm=(jnp.asarray(known_norm[0], jnp.float32)
-                                   if known_norm else numerics.plain_norm(epsilon)),
-                cosine=(numerics.cosine_similarity(ascent_grads, perturbed_grads)
-                        if full_diagnostics else _as_scalar(None)),
-                loss=_as_scalar(clean_value),
-                perturbed_loss=_as_scalar(perturbed_value),
-                sharpness=(_as_scalar(perturbed_value) - _as_scalar(clean_value)
-                           if perturbed_value is not None
-                           and clean_value is not None
-                           else jnp.zeros([], jnp.float32)),
-                perturbed=jnp.ones([], jnp.bool_),
-            )
+                grad_fn, params, perturbation.epsilon)
+            diagnostics = paid_diagnostics(
+                ascent_grads, perturbation, perturbed_grads, value,
+                perturbed_value, full_diagnostics)
             if axis_name is not None:
                 perturbed_grads = replica_mean(perturbed_grads, axis_name)
-                # One collective for all the scalars, not one per field.
-                scalars = {k: v for k, v in diagnostics._asdict().items()
-                           if k != "perturbed"}
-                diagnostics = diagnostics._replace(**replica_mean(scalars, axis_name))
-            clean = mean_grads() if descent.uses_clean_grads else grads
-            descent_grads, descent_state = descent.combine(
-                clean, perturbed_grads, descent_state, params,
-                perturbation=epsilon, rho=rho_t, count=count)
-            return (_like_grads(descent_grads, grads), ascent_state,
-                    descent_state, diagnostics)
+                diagnostics = _replica_mean_diagnostics(diagnostics, axis_name)
+            # 5. What base_tx sees.
+            result = descent.combine(
+                mean_grads if descent.uses_clean_grads
+                else _CleanGradientsNotRequested(),
+                perturbed_grads, descent_state)
+            return _branch_output(result, grads, perturbation.state,
+                                  diagnostics)
 
-        def without_second_gradient(substates):
+        def skipped(substates):
             ascent_state, descent_state = substates
-            if descent.reuse is None:
-                descent_grads = mean_grads()
-            else:
-                descent_grads, descent_state = descent.reuse(
-                    mean_grads(), descent_state, params, count=count)
+            result = (DescentResult(mean_grads, descent_state)
+                      if descent.reuse is None
+                      else descent.reuse(mean_grads, descent_state))
             diagnostics = zero_diagnostics()._replace(
-                grad_norm=numerics.global_norm(mean_grads()),
-                loss=_as_scalar(clean_value))
-            return (_like_grads(descent_grads, grads), ascent_state,
-                    descent_state, diagnostics)
+                grad_norm=numerics.global_norm(mean_grads),
+                loss=_as_scalar(value))
+            return _branch_output(result, grads, ascent_state, diagnostics)
+
+        def _branch_output(result, grads, ascent_state, diagnostics):
+            correction = result.correction
+            if descent.corrects_updates and correction is None:
+                correction = numerics.zeros_like_compute(grads)
+            return (_like_grads(result.grads, grads), correction, ascent_state,
+                    result.state, diagnostics)
 
         substates = (state.ascent_state, state.descent_state)
         if perturb is True:
-            branch = with_second_gradient(substates)
+            branch = paid(substates)
         else:
-            branch = jax.lax.cond(perturb, with_second_gradient,
-                                  without_second_gradient, substates)
-        descent_grads, ascent_state, descent_state, diagnostics = branch
+            branch = jax.lax.cond(perturb, paid, skipped, substates)
+        descent_grads, correction, ascent_state, descent_state, diagnostics = (
+            branch)
 
+        # 6. The base optimizer on the original w.
         updates, base_state = base_tx.update(
             descent_grads, state.base_state, params, **extra_args)
-        # `sam(optax.apply_if_finite(base))` skipped a non-finite step: the
-        # SAM-side state (count, EMAs, schedule statistics, LookSAM's
-        # direction, keys) stays as it was, like the base's own state.
+        if correction is not None:
+            updates = _add_correction(updates, correction)
+
+        # 7. The new state. `sam(optax.apply_if_finite(base))` skipped a
+        #    non-finite step: the SAM side (count, EMAs, schedule statistics,
+        #    LookSAM's direction, keys) stays as it was, like base's state.
         new_count, ascent_state, descent_state, schedule_state = (
             keep_if_base_rejected(
                 base_state,
@@ -606,7 +672,10 @@ def sharpness_aware(
                  descent_state, schedule_state),
                 (count, state.ascent_state, state.descent_state,
                  state.schedule_state)))
-        new_state = SAMState.create(
+        if correction is not None:
+            updates = keep_if_base_rejected(
+                base_state, updates, jax.tree.map(jnp.zeros_like, updates))
+        return updates, SAMState.create(
             count=new_count,
             rho=rho_t.astype(jnp.float32),
             base_state=base_state,
@@ -615,9 +684,23 @@ def sharpness_aware(
             schedule_state=schedule_state,
             diagnostics=diagnostics,
         )
-        return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _replica_mean_diagnostics(diagnostics: SAMDiagnostics,
+                              axis_name: AxisName) -> SAMDiagnostics:
+    """Mean over replicas of the float diagnostics, in one collective."""
+    scalars = {k: v for k, v in diagnostics._asdict().items()
+               if k != "perturbed"}
+    return diagnostics._replace(**replica_mean(scalars, axis_name))
+
+
+def _add_correction(updates: PyTree, correction: PyTree) -> PyTree:
+    """``updates + correction`` in the compute dtype, cast back."""
+    return jax.tree.map(
+        lambda u, c: (numerics.as_compute(u) + c).astype(u.dtype)
+        if numerics.is_float(u) else u, updates, correction)
 
 
 def find_sam_states(opt_state: Any) -> list[SAMState]:

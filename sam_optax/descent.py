@@ -13,24 +13,16 @@ safe when the direction projected out is zero.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.core import (
-    Descent,
-    SAMState,
-    ScalarOrSchedule,
-    find_states,
-    keep_if_base_rejected,
-    no_state,
-)
-
-PyTree = Any
-
+from sam_optax.ascent import centralize
+from sam_optax.core import Descent, DescentResult, no_state
+from sam_optax.types import PyTree, ScalarOrSchedule
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -78,13 +70,25 @@ def sam_gradient() -> Descent:
       Foret et al. 2021, https://arxiv.org/abs/2010.01412
     """
 
-    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
-                count):
-        del grads, params, perturbation, rho, count
-        return perturbed_grads, state
+    def combine(grads, perturbed_grads, state):
+        del grads  # not averaged for us: uses_clean_grads=False
+        return DescentResult(perturbed_grads, state)
 
-    return Descent(init=no_state, combine=combine, reuse=None,
-                   uses_clean_grads=False)
+    return Descent(init=no_state, combine=combine, uses_clean_grads=False)
+
+
+def centralized_gradient() -> Descent:
+    """GCSAM's descent: ``base_tx`` receives the centralized perturbed
+    gradient :math:`Φ(g_{sam})` (:func:`sam_optax.ascent.centralize`).
+
+    References:
+      Hassan et al. 2025, https://arxiv.org/abs/2501.11584
+    """
+    def combine(grads, perturbed_grads, state):
+        del grads  # not averaged for us: uses_clean_grads=False
+        return DescentResult(centralize(perturbed_grads), state)
+
+    return Descent(init=no_state, combine=combine, uses_clean_grads=False)
 
 
 def gsam_gradient(alpha: float = 0.1) -> Descent:
@@ -110,12 +114,10 @@ def gsam_gradient(alpha: float = 0.1) -> Descent:
     """
     validation.check_in_range(alpha, "alpha", 0.0, 1.0)
 
-    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
-                count):
-        del params, perturbation, rho, count
+    def combine(grads, perturbed_grads, state):
         grads_orthogonal = orthogonal_part(grads, perturbed_grads)
-        return _linear_combination(1.0, perturbed_grads, -alpha,
-                                   grads_orthogonal), state
+        return DescentResult(_linear_combination(1.0, perturbed_grads, -alpha,
+                                                 grads_orthogonal), state)
 
     return Descent(init=no_state, combine=combine)
 
@@ -150,11 +152,9 @@ def wsam_gradient(gamma: float = 0.9) -> Descent:
     """
     weight = _sharpness_weight(gamma)
 
-    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
-                count):
-        del params, perturbation, rho, count
-        return _linear_combination(1.0 - weight, grads, weight,
-                                   perturbed_grads), state
+    def combine(grads, perturbed_grads, state):
+        return DescentResult(_linear_combination(1.0 - weight, grads, weight,
+                                                 perturbed_grads), state)
 
     return Descent(init=no_state, combine=combine)
 
@@ -163,85 +163,56 @@ class DecoupledSharpnessState(NamedTuple):
     """State of :func:`wsam_decoupled_gradient`.
 
     Attributes:
-      sharpness_grads: :math:`\\frac{γ}{1-γ}(g_{sam} - g)` of the last step, in
-        float32 (or wider), applied after ``base_tx`` by
-        :func:`add_decoupled_sharpness`.
+      count: number of updates so far (int32), where η_t is evaluated.
     """
 
-    sharpness_grads: PyTree
+    count: jax.Array
 
 
-def wsam_decoupled_gradient(gamma: float = 0.9) -> Descent:
+def wsam_decoupled_gradient(gamma: float = 0.9,
+                            learning_rate: ScalarOrSchedule = 0.1) -> Descent:
     """WSAM, decoupled form (Yue et al. 2023, Alg. 1): ``base_tx`` sees ``g``.
 
-    ``base_tx`` receives the clean gradient ``g``; the sharpness gradient
-    :math:`\\frac{γ}{1-γ}(g_{sam} - g)` is kept in the state and applied by
-    :func:`add_decoupled_sharpness` as a plain SGD step after ``base_tx``,
-    like decoupled weight decay.
-
-    Args:
-      gamma: sharpness weight γ ∈ [0, 1).
-    """
-    weight = _sharpness_weight(gamma)
-
-    def init(params):
-        return DecoupledSharpnessState(numerics.zeros_like_compute(params))
-
-    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
-                count):
-        del state, params, perturbation, rho, count
-        sharpness = _linear_combination(weight, perturbed_grads, -weight, grads)
-        return grads, DecoupledSharpnessState(sharpness)
-
-    return Descent(init=init, combine=combine)
-
-
-def add_decoupled_sharpness(
-    inner: optax.GradientTransformationExtraArgs,
-    learning_rate: ScalarOrSchedule,
-) -> optax.GradientTransformationExtraArgs:
-    """Apply WSAM's decoupled sharpness step after ``base_tx``.
+    ``base_tx`` receives the clean gradient ``g``; the sharpness gradient is
+    a plain SGD step of its own, added to ``base_tx``'s update (the
+    descent's ``correction``), like decoupled weight decay:
 
     .. math::
 
       u = \\mathrm{base\\_tx}(g) - η_t \\frac{γ}{1-γ}(g_{sam} - g)
 
-    ``inner`` is a :func:`~sam_optax.sharpness_aware` transformation whose
-    descent is :func:`wsam_decoupled_gradient`; η_t is evaluated at the SAM
-    step count (the count ``base_tx``'s own schedule sees). The state is the
-    inner :class:`~sam_optax.SAMState` itself.
+    On a step a schedule skips there is no ``g_sam`` and no sharpness step.
+
+    Args:
+      gamma: sharpness weight γ ∈ [0, 1).
+      learning_rate: η_t, a float or a schedule of the step count (the
+        learning rate ``base_tx`` uses).
     """
+    weight = _sharpness_weight(gamma)
     validation.check_nonnegative_scalar_or_schedule(learning_rate,
                                                     "learning_rate")
 
-    def init_fn(params):
-        state = inner.init(params)
-        if find_states(state.base_state, optax.MultiStepsState):
-            # The sharpness step would move the params at every micro-batch
-            # while `base_tx` waits for k of them.
-            raise ValueError(
-                "`wsam(..., decoupled=True)` cannot accumulate gradients with "
-                "`optax.MultiSteps` inside it: its sharpness step is applied "
-                "at every micro-batch. Use the coupled form (`decoupled=False`) "
-                "or accumulate larger batches before calling `update`.")
-        return state
+    def init(params):
+        del params
+        return DecoupledSharpnessState(jnp.zeros([], jnp.int32))
 
-    def update_fn(grads, state: SAMState, params=None, **extra_args):
-        count = state.count
-        updates, state = inner.update(grads, state, params, **extra_args)
-        lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        # A step rejected by `apply_if_finite` inside `base_tx` applies no
-        # sharpness step either (the core kept the previous term's state).
-        sharpness = keep_if_base_rejected(
-            state.base_state, state.descent_state.sharpness_grads,
-            jax.tree.map(jnp.zeros_like, state.descent_state.sharpness_grads))
-        # η in the sharpness term's own (compute) dtype: float64 under x64.
-        updates = jax.tree.map(
-            lambda u, s: (_wide(u) - jnp.asarray(lr, s.dtype) * s).astype(
-                u.dtype) if numerics.is_float(u) else u, updates, sharpness)
-        return updates, state
+    def combine(grads, perturbed_grads, state):
+        lr = (learning_rate(state.count) if callable(learning_rate)
+              else learning_rate)
+        step = -lr * weight
+        # η·γ/(1−γ) in each leaf's compute dtype: float64 under x64.
+        correction = _linear_combination(step, perturbed_grads, -step, grads)
+        return DescentResult(grads, _next(state), correction)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def reuse(grads, state):
+        return DescentResult(grads, _next(state))
+
+    return Descent(init=init, combine=combine, reuse=reuse,
+                   corrects_updates=True)
+
+
+def _next(state: DecoupledSharpnessState) -> DecoupledSharpnessState:
+    return DecoupledSharpnessState(optax.safe_int32_increment(state.count))
 
 
 class LookSAMState(NamedTuple):
@@ -291,33 +262,30 @@ def looksam_gradient(alpha: float = 0.7) -> Descent:
     def init(params):
         return LookSAMState(numerics.zeros_like_compute(params))
 
-    def combine(grads, perturbed_grads, state, params, *, perturbation, rho,
-                count):
-        del params, perturbation, rho, count
+    def combine(grads, perturbed_grads, state):
         unit, _ = numerics.safe_normalize(
             orthogonal_part(perturbed_grads, grads))
         # The stored direction keeps init's dtypes on every leaf (an integer
         # leaf's zeros too), so both branches of the schedule's cond agree.
         unit = jax.tree.map(lambda u, old: u.astype(old.dtype), unit,
                             state.orthogonal_direction)
-        return perturbed_grads, LookSAMState(unit)
+        return DescentResult(perturbed_grads, LookSAMState(unit))
 
-    def reuse(grads, state, params, *, count):
-        del params, count
+    def reuse(grads, state):
         scale = alpha * numerics.global_norm(grads)
         # ‖g‖ non-finite or beyond the norm's range (~1e31): no reused term
         # (d = g), rather than inf·0 = NaN or an inf in every leaf.
         scale = jnp.where(jnp.isfinite(scale), scale, jnp.zeros_like(scale))
-        return _linear_combination(1.0, grads, scale,
-                                   state.orthogonal_direction), state
+        return DescentResult(_linear_combination(
+            1.0, grads, scale, state.orthogonal_direction), state)
 
     return Descent(init=init, combine=combine, reuse=reuse)
 
 
 __all__ = [
+    "centralized_gradient",
     "DecoupledSharpnessState",
     "LookSAMState",
-    "add_decoupled_sharpness",
     "gsam_gradient",
     "looksam_gradient",
     "orthogonal_part",

@@ -42,15 +42,14 @@ References:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import jax
 import numpy as np
 
-PyTree = Any
+from sam_optax.types import Mask, PyTree
+
 Pattern = Union[str, re.Pattern]
-Mask = Union[PyTree, Callable[[PyTree], PyTree], None]
 
 # ------------------------------------------------- the one mask concept
 

@@ -18,18 +18,16 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import masks, numerics, validation
+from sam_optax.collectives import replica_mean
 from sam_optax.core import (
-    AxisName,
     SAMState,
-    ScalarOrSchedule,
+    current_rho,
     find_sam_states,
     find_states,
     keep_if_base_rejected,
-    replica_mean,
     zero_diagnostics,
 )
-
-PyTree = Any
+from sam_optax.types import AxisName, Mask, PyTree, ScalarOrSchedule
 
 
 class MomentumSAMState(NamedTuple):
@@ -47,8 +45,8 @@ def momentum_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.3,
     *,
-    mask: masks.Mask = None,
-    axis_name: AxisName = None,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
     """MSAM: perturb along the optimizer's last update; one gradient a step.
 
@@ -132,13 +130,9 @@ def momentum_sam(
                 "`tx.update(grads, opt_state, params)`.")
         validation.check_same_structure(grads, params, "grads")
         count = state.count
-        rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
-        # At least float32; float64 (x64) stays float64, so ε of float64
-        # params is computed in float64 (normalize casts ρ to their dtype).
-        rho_t = rho_t.astype(jnp.promote_types(rho_t.dtype, jnp.float32))
-        # As in the core: a traced or scheduled ρ that is negative or NaN
-        # becomes 0 (NaN > 0 is False), never a flipped or NaN ε.
-        rho_t = jnp.where(rho_t > 0, rho_t, jnp.zeros_like(rho_t))
+        # The core's ρ: float64 under x64 (so is ε of float64 params), and a
+        # traced negative or NaN ρ is 0.
+        rho_t = current_rho(rho, count)
         epsilon = state.ascent_state.perturbation
         grads = replica_mean(grads, axis_name)
         clean_params = numerics.add_perturbation(

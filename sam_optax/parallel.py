@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,94 +45,18 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-PyTree = Any
-AxisName = Union[str, Sequence[str]]
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from sam_optax.collectives import (  # noqa: F401 -- re-exported
+    axis_names,
+    check_local_gradients,
+    local_grad_fn,
+    to_varying,
+    tracked_axes,
+    varying_axes,
+)
+from sam_optax.types import AxisName, LossFn, PyTree
+
 Step = Callable[[PyTree, optax.OptState, PyTree],
                 tuple[PyTree, optax.OptState, jax.Array]]
-
-_PCAST_HINT = (
-    "Inside `jax.shard_map`, `jax.grad` w.r.t. a replicated (invariant) "
-    "argument returns the gradient already summed over shards, so SAM would "
-    "see the global gradient instead of each shard's own. Differentiate "
-    "w.r.t. `jax.lax.pcast(params, axis_name, to='varying')`, or build the "
-    "step with `sam_optax.parallel.shard_map_step` / `data_parallel_step`, "
-    "which do this for you.")
-
-
-def _axes(axis_name: Optional[AxisName]) -> tuple[str, ...]:
-    if axis_name is None:
-        return ()
-    if isinstance(axis_name, str):
-        return (axis_name,)
-    return tuple(axis_name)
-
-
-def _varying_axes(x: Any) -> frozenset:
-    """The manual mesh axes over which ``x`` may differ (its "vma" type)."""
-    aval = jax.typeof(x)
-    axis_type = getattr(aval, "manual_axis_type", None)
-    if axis_type is not None:
-        return frozenset(axis_type.varying)
-    return frozenset(getattr(aval, "vma", ()))  # older JAX spelling
-
-
-def tracked_axes(axis_name: Optional[AxisName]) -> tuple[str, ...]:
-    """The axes of ``axis_name`` over which JAX tracks varying/invariant values.
-
-    That is the case inside ``jax.shard_map`` with ``check_vma=True`` (the
-    default), where a replicated argument's gradient comes back summed. Under
-    ``pmap``, ``vmap`` and ``shard_map(check_vma=False)`` nothing is tracked
-    and gradients are local: this returns ``()``.
-    """
-    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
-    return tuple(axis for axis in _axes(axis_name) if axis in manual
-                 and axis in _varying_axes(jax.lax.axis_index(axis)))
-
-
-def to_varying(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
-    """Cast each leaf to "varying" over the tracked axes it is invariant over.
-
-    A no-op outside ``shard_map`` (pmap, vmap, plain jit). Differentiating a
-    loss w.r.t. the result gives each shard's **local** gradient.
-    """
-    axes = tracked_axes(axis_name)
-    if not axes:
-        return tree
-
-    def cast(x):
-        missing = tuple(a for a in axes if a not in _varying_axes(x))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
-
-
-def local_grad_fn(grad_fn: Callable[[PyTree], Any], axis_name: Optional[AxisName]
-                  ) -> Callable[[PyTree], Any]:
-    """``grad_fn`` evaluated at a varying point, so its gradient is local."""
-    if not tracked_axes(axis_name):
-        return grad_fn
-    return lambda point: grad_fn(to_varying(point, axis_name))
-
-
-def check_local_gradients(grads: PyTree, axis_name: Optional[AxisName]) -> None:
-    """Raise if ``grads`` were summed over shards by ``shard_map``'s transpose.
-
-    Inside ``shard_map`` (``check_vma=True``) a local gradient varies over the
-    data axis; a gradient that is invariant there was produced by
-    differentiating w.r.t. replicated parameters and is the sum over shards.
-
-    Raises:
-      ValueError: naming the axis and the fix (``jax.lax.pcast``).
-    """
-    for axis in tracked_axes(axis_name):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-            if (jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-                    and axis not in _varying_axes(leaf)):
-                raise ValueError(
-                    f"the gradient leaf {jax.tree_util.keystr(path)} is "
-                    f"invariant over the mapped axis {axis!r}: it is not "
-                    "this shard's local gradient. " + _PCAST_HINT)
 
 
 def train_step(tx: optax.GradientTransformation, loss_fn: LossFn, *,
@@ -176,7 +100,7 @@ def _check_replicated(updates: PyTree, opt_state: PyTree,
     for name, tree, fix in (("updates", updates, _updates_fix(axis_name)),
                             ("optimizer state", opt_state, _PER_SHARD_STATE_FIX)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if axes & _varying_axes(leaf):
+            if axes & varying_axes(leaf):
                 leaf_name = f" leaf {jax.tree_util.keystr(path)}" if path else ""
                 verb = "differ" if name == "updates" and not path else "differs"
                 raise ValueError(
@@ -301,7 +225,7 @@ def _probe_axes(tx: optax.GradientTransformation, loss_fn: LossFn,
 
 def _check_mesh_axes(mesh: jax.sharding.Mesh, axis_name: AxisName,
                      where: str) -> None:
-    missing = [a for a in _axes(axis_name) if a not in mesh.axis_names]
+    missing = [a for a in axis_names(axis_name) if a not in mesh.axis_names]
     if missing:
         raise ValueError(
             f"`axis_name` {axis_name!r} of {where} names {missing}, which the "

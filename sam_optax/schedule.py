@@ -12,7 +12,7 @@ as GSAM does; any Optax schedule is accepted as ``rho`` by every variant.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,6 @@ import optax
 
 from sam_optax import numerics, validation
 from sam_optax.core import Schedule, no_state
-
-PyTree = Any
 
 # ‖g‖² is capped here so that its squared deviation (the variance update)
 # stays finite in float32 even for absurd gradients (‖g‖ ≥ 1e9).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, ParamSpec, TypeVar
@@ -13,16 +12,15 @@ import optax
 from sam_optax import ascent as ascent_lib
 from sam_optax import descent as descent_lib
 from sam_optax import momentum_sam as momentum_sam_lib
-from sam_optax import numerics, validation
 from sam_optax import schedule as schedule_lib
+from sam_optax import validation
 from sam_optax.core import (
     Ascent,
-    AxisName,
     Descent,
-    ScalarOrSchedule,
     Schedule,
     sharpness_aware,
 )
+from sam_optax.types import AxisName, Mask, ScalarOrSchedule
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -99,10 +97,10 @@ def sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     *,
-    mask: numerics.Mask = None,
-    axis_name: AxisName = None,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
-    perturbation_axis_name: AxisName = None,
+    perturbation_axis_name: Optional[AxisName] = None,
     perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
     norm: str = "l2",
     full_diagnostics: bool = False,
@@ -185,51 +183,15 @@ def sam(
 
 
 class SAMOptions(NamedTuple):
-    """The keyword arguments every named constructor shares with :func:`sam`.
+    """The keyword arguments every named constructor shares with :func:`sam`
+    (each writes them out in its signature, meaning what they mean for
+    :func:`sam`), handed on together to :func:`_sam_like`."""
 
-    Each variant's public signature ends with these as keyword-only
-    arguments (added by :func:`_shares_sam_options`), meaning what they mean
-    for :func:`sam`.
-    """
-
-    axis_name: AxisName = None
-    sync_perturbation: bool = False
-    perturbation_axis_name: AxisName = None
-    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None
-    full_diagnostics: bool = False
-
-
-_DEFAULT_OPTIONS = SAMOptions()
-
-
-def _annotation_text(field: str) -> str:
-    annotation = SAMOptions.__annotations__[field]
-    return getattr(annotation, "__forward_arg__", annotation)
-
-
-def _shares_sam_options(constructor: Callable[..., Any]) -> Callable[..., Any]:
-    """Give ``constructor(..., options)`` the public keyword-only arguments
-    of :class:`SAMOptions` in place of ``options``, written once here.
-
-    The wrapper's ``__signature__`` lists them, so ``inspect.signature``, IDEs
-    and ``optax.inject_hyperparams`` see an ordinary keyword signature.
-    """
-    signature = inspect.signature(constructor)
-    own = [p for name, p in signature.parameters.items() if name != "options"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                                default=default,
-                                annotation=_annotation_text(name))
-              for name, default in SAMOptions._field_defaults.items()]
-
-    @functools.wraps(constructor)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _check_call(kwargs)
-        options = SAMOptions(**{name: kwargs.pop(name)
-                                for name in SAMOptions._fields if name in kwargs})
-        return constructor(*args, options=options, **kwargs)
-
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    return wrapper
+    axis_name: Optional[AxisName]
+    sync_perturbation: bool
+    perturbation_axis_name: Optional[AxisName]
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]]
+    full_diagnostics: bool
 
 
 def _sam_like(
@@ -239,7 +201,7 @@ def _sam_like(
     *,
     descent: Optional[Descent] = None,
     schedule: Optional[Schedule] = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    options: SAMOptions,
 ) -> optax.GradientTransformationExtraArgs:
     """The pass-through every named constructor shares: ``sync_perturbation``
     resolved into ``perturbation_axis_name``, SAM's descent and every-step
@@ -273,15 +235,77 @@ def _sam_like(
 # `perturbation_axis_index_groups` mean what they mean for `sam`.
 
 
-@_shares_sam_options
+@_checks_call
+def gcsam(
+    base_tx: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    *,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """GCSAM: SAM on centralized gradients (Hassan et al. 2025).
+
+    With Φ the gradient centralization of Yong et al. 2020 (each kernel's
+    gradient minus its mean over every axis but the output axis; biases
+    unchanged, :func:`sam_optax.ascent.centralize`):
+
+    .. math::
+
+      ε = ρ \\frac{Φ(g)}{\\lVert Φ(g) \\rVert_2}, \\qquad
+      w \\leftarrow w + \\mathrm{base\\_tx}\\big(Φ(∇L(w + ε))\\big)
+
+    Args:
+      base_tx: the optimizer that receives Φ(g_sam).
+      rho: the radius ρ ≥ 0, or a schedule of the step count.
+      mask, axis_name, sync_perturbation, perturbation_axis_name,
+        perturbation_axis_index_groups, full_diagnostics: as for :func:`sam`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> target = jnp.array([[1.0, -1.0], [2.0, 0.0]])
+      >>> loss_fn = lambda w: jnp.sum((w["k"] - target) ** 2)
+      >>> params = {"k": jnp.zeros((2, 2))}
+      >>> tx = sam_optax.gcsam(optax.sgd(0.1), rho=0.05)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(
+      ...     jax.grad(loss_fn)(p), s, p, grad_fn=jax.grad(loss_fn)))
+      >>> for _ in range(100):
+      ...   updates, state = step(params, state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> # Each output column moves only within its zero-mean subspace:
+      >>> # the centered target.
+      >>> [[round(float(x), 2) + 0.0 for x in row] for row in params["k"]]
+      [[-0.5, -0.5], [0.5, 0.5]]
+
+    References:
+      Hassan, Vakanski, Zhang, Xian. GCSAM: Gradient Centralized Sharpness
+      Aware Minimization. 2025. https://arxiv.org/abs/2501.11584
+    """
+    return _sam_like(
+        base_tx, rho, ascent_lib.centralized_ascent(mask=mask),
+        descent=descent_lib.centralized_gradient(),
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
+
+
+@_checks_call
 def asam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.5,
     eta: float = 0.01,
     *,
-    adaptive: numerics.Mask = None,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    adaptive: Mask = None,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive SAM (ASAM): a neighbourhood scaled by the weights.
 
@@ -327,17 +351,23 @@ def asam(
     return _sam_like(
         base_tx, rho, ascent_lib.adaptive_ascent(eta, adaptive=adaptive,
                                                  mask=mask),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def fisher_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.1,
     eta: float = 1.0,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Fisher-SAM: the neighbourhood is an ellipsoid of the Fisher metric.
 
@@ -380,18 +410,24 @@ def fisher_sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.fisher_ascent(eta, mask=mask),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def friendly_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     sigma: float = 1.0,
     lmbda: float = 0.9,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Friendly-SAM (F-SAM): ascend without the full-gradient component.
 
@@ -438,17 +474,23 @@ def friendly_sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.friendly_ascent(sigma, lmbda, mask=mask),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def vasso(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     theta: float = 0.4,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Variance-suppressed SAM (VaSSO): ascend along an EMA of gradients.
 
@@ -488,17 +530,23 @@ def vasso(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.variance_suppressed_ascent(theta, mask=mask),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def random_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     *,
     seed: ascent_lib.Seed = 0,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM's random-direction ablation: ε of radius ρ, direction random.
 
@@ -535,18 +583,24 @@ def random_sam(
     """
     return _sam_like(
         base_tx, rho, ascent_lib.random_ascent(seed, mask=mask),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def multistep_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     steps: int = 2,
     *,
     step_size: Optional[float] = None,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM with several projected ascent steps (Foret et al., App. C.6).
 
@@ -590,10 +644,12 @@ def multistep_sam(
     return _sam_like(
         base_tx, rho, ascent_lib.multistep_ascent(steps, step_size=step_size,
                                                   mask=mask),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def esam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -601,8 +657,12 @@ def esam(
     *,
     seed: ascent_lib.Seed = 0,
     granularity: str = "coordinate",
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ESAM's stochastic weight perturbation (SWP) on SAM's ε.
 
@@ -652,7 +712,9 @@ def esam(
         granularity=granularity)
     return _sam_like(
         base_tx, rho, ascent,
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
 # ------------------------------------ the descent and schedule families
@@ -662,14 +724,18 @@ def esam(
 # `perturbation_axis_index_groups` mean what they mean for `sam`.
 
 
-@_shares_sam_options
+@_checks_call
 def gsam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     alpha: float = 0.1,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """GSAM: SAM plus a descent on the surrogate gap (Zhuang et al. 2022).
 
@@ -713,10 +779,12 @@ def gsam(
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent_lib.gsam_gradient(alpha),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def wsam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -724,8 +792,12 @@ def wsam(
     *,
     decoupled: bool = False,
     learning_rate: Optional[ScalarOrSchedule] = None,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """WSAM: sharpness as a regularizer of weight γ/(1−γ) (Yue et al. 2023).
 
@@ -788,26 +860,29 @@ def wsam(
         raise ValueError(
             "`learning_rate` is only used by `decoupled=True`; drop it (the "
             "coupled form takes the learning rate from `base_tx`).")
-    descent = (descent_lib.wsam_decoupled_gradient(gamma) if decoupled
-               else descent_lib.wsam_gradient(gamma))
-    tx = _sam_like(
+    descent = (descent_lib.wsam_decoupled_gradient(gamma, learning_rate)
+               if decoupled else descent_lib.wsam_gradient(gamma))
+    return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent,
-        options=options)
-    if decoupled:
-        tx = descent_lib.add_decoupled_sharpness(tx, learning_rate)
-    return tx
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def looksam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     k: int = 5,
     alpha: float = 0.7,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """LookSAM: a SAM step every k steps, its direction reused in between.
 
@@ -855,17 +930,23 @@ def looksam(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent_lib.looksam_gradient(alpha),
         schedule=schedule_lib.every_k_steps(k),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def every_k_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     k: int = 5,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM at steps 0, k, 2k, ...; the plain base step on ``g`` otherwise.
 
@@ -898,18 +979,24 @@ def every_k_sam(
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         schedule=schedule_lib.every_k_steps(k),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def ae_sam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
     c: ScalarOrSchedule = 0.0,
     delta: float = 0.9,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AE-SAM: SAM only when ‖g‖² is high for its recent history.
 
@@ -950,16 +1037,22 @@ def ae_sam(
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         schedule=schedule_lib.adaptive_policy(c, delta),
-        options=options)
+        options=SAMOptions(axis_name, sync_perturbation,
+                           perturbation_axis_name,
+                           perturbation_axis_index_groups, full_diagnostics))
 
 
-@_shares_sam_options
+@_checks_call
 def msam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.3,
     *,
-    mask: numerics.Mask = None,
-    options: SAMOptions = _DEFAULT_OPTIONS,
+    mask: Mask = None,
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    perturbation_axis_name: Optional[AxisName] = None,
+    perturbation_axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """MSAM: perturb along the momentum, one gradient per step (Becker 2024).
 
@@ -992,19 +1085,22 @@ def msam(
       Becker, Altrock, Risse. Momentum-SAM: Sharpness Aware Minimization
       without Computational Overhead. 2024. https://arxiv.org/abs/2401.12033
     """
-    validation.check_axis_name(options.perturbation_axis_name,
+    validation.check_axis_name(perturbation_axis_name,
                                "perturbation_axis_name")
-    if options.sync_perturbation and options.axis_name is None:
+    validation.check_bool(sync_perturbation, "sync_perturbation")
+    validation.check_bool(full_diagnostics, "full_diagnostics")
+    if sync_perturbation and axis_name is None:
         raise ValueError("`sync_perturbation=True` needs `axis_name`.")
-    if (options.perturbation_axis_index_groups is not None
-            and options.perturbation_axis_name is None):
+    if (perturbation_axis_index_groups is not None
+            and perturbation_axis_name is None):
         raise ValueError(
             "`perturbation_axis_index_groups` needs `perturbation_axis_name`.")
     # (MSAM has no second gradient: `full_diagnostics` changes nothing.)
     return momentum_sam_lib.momentum_sam(base_tx, rho, mask=mask,
-                                         axis_name=options.axis_name)
+                                         axis_name=axis_name)
 
 
 __all__ = ["ae_sam", "asam", "esam", "every_k_sam", "fisher_sam", "friendly_sam",
+           "gcsam",
            "gsam", "looksam", "msam", "multistep_sam", "random_sam", "sam",
            "vasso", "wsam"]

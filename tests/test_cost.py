@@ -5,8 +5,12 @@ here; these figures come from the compiler and the state's shapes, so they are
 exact and the same on every run.
 """
 
+import importlib
 import json
 import os
+import pathlib
+import re
+import subprocess
 import sys
 
 import jax
@@ -14,16 +18,24 @@ import numpy as np
 import optax
 import pytest
 
-_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, _BENCHMARKS)
-import bench_overhead  # noqa: E402
-import bench_speed  # noqa: E402
-import common  # noqa: E402
+import sam_optax
 
-import sam_optax  # noqa: E402
-
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 RHO = 0.05
+
+
+def _import_benchmarks(*names):
+    """The scripts as modules, imported as ``python benchmarks/x.py`` runs
+    them: with their folder on ``sys.path`` (for ``import common``), which
+    is restored afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        return [importlib.import_module(name) for name in names]
+
+
+(common, bench_ascent, bench_overhead, bench_schedule,
+ bench_speed) = _import_benchmarks("common", "bench_ascent", "bench_overhead",
+                                   "bench_schedule", "bench_speed")
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +219,96 @@ def test_full_diagnostics_change_nothing_but_the_cosine():
                   "sharpness", "perturbed"):
         assert float(getattr(d_lean, field)) == float(getattr(d_full, field)), field
     assert float(d_lean.sharpness) > 0
+
+
+# --------------------------------------------------------------------------
+# What the benchmarks share (benchmarks/common.py), and each script's smoke run.
+
+
+def test_interleaved_rounds_runs_every_config_once_per_shuffled_round():
+    log = []
+    samples = {name: (lambda name=name: log.append(name) or 0.5)
+               for name in "abcd"}
+    times = common.interleaved_rounds(samples, rounds=6, warmup=2,
+                                      progress=False)
+    assert log[:8] == list("aabbccdd")  # warm-up: each config, untimed
+    rounds = [log[8 + 4 * i:12 + 4 * i] for i in range(6)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order is shuffled
+    assert times == {name: [0.5] * 6 for name in "abcd"}
+    again = []
+    common.interleaved_rounds({n: (lambda n=n: again.append(n) or 0.0)
+                               for n in "abcd"}, rounds=6, progress=False)
+    assert again == log[8:]  # seeded: the same order on every run
+
+
+def test_write_results_writes_json_and_markdown(tmp_path, capsys):
+    stem = str(tmp_path / "sub" / "x_cpu")
+    common.write_results(stem, {"rows": [1, 2]}, "# report")
+    assert json.loads((tmp_path / "sub" / "x_cpu.json").read_text()) == {
+        "rows": [1, 2]}
+    assert (tmp_path / "sub" / "x_cpu.md").read_text() == "# report\n"
+    assert "# report" in capsys.readouterr().out
+    common.write_results(stem, {}, "quiet", echo=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_no_benchmark_edits_sys_path():
+    # `python benchmarks/x.py` puts benchmarks/ on sys.path, and sam_optax
+    # is installed: a script that edits sys.path hides a broken install.
+    edit = re.compile(r"sys\.path(\.insert|\.append|\[|\s*\+?=)")
+    for path in [BENCHMARKS / "common.py", *BENCHMARKS.glob("bench_*.py")]:
+        assert not edit.search(path.read_text()), path.name
+
+
+def test_ascent_benchmark_smoke(tmp_path):
+    payload = bench_ascent.main(["--batch-size", "8", "--rounds", "2",
+                                 "--warmup", "1", "--configs", "asam",
+                                 "--out", str(tmp_path)])
+    assert [r["method"] for r in payload["rows"]] == ["base", "sam", "asam"]
+    assert all(r["steps"] == 2 and r["median_ms"] > 0 for r in payload["rows"])
+    report = (tmp_path / f"ascent_mlp_{common.device_slug()}.md").read_text()
+    assert report.count("| asam |") == 1
+    assert common.device_line(payload["machine"]) in report
+
+
+def test_schedule_benchmark_smoke(tmp_path):
+    rows = bench_schedule.main(["--workloads", "mlp", "--batch-size", "8",
+                                "--configs", "every_k_sam", "--rounds", "2",
+                                "--block", "5", "--warmup", "1",
+                                "--no-progress", "--out", str(tmp_path)])
+    by = {r["config"]: r for r in rows}
+    assert list(by) == ["base", "every_k_sam"]
+    # One block of 5 steps is one cycle of k = 5: one second gradient.
+    assert by["every_k_sam"]["second_gradient_fraction"] == pytest.approx(0.2)
+    assert by["base"]["x_base"] == 1.0
+    assert (tmp_path / f"schedule_{common.device_slug()}.json").exists()
+
+
+def _plain_environment():
+    """The environment of a user's shell: no PYTHONPATH, and none of the
+    test configuration's device flags (conftest.py sets 8 CPU devices)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    return {**env, "JAX_PLATFORMS": "cpu"}
+
+
+def test_parallel_benchmark_runs_as_a_script(tmp_path):
+    """``python benchmarks/bench_parallel.py``, as a user runs it: a fresh
+    process (its fake CPU devices must be set before JAX starts) that finds
+    ``common`` and ``sam_optax`` with no path set up."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_parallel.py"), "--devices",
+         "2", "--steps", "2", "--width", "8", "--batch", "8", "--out",
+         str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+        env=_plain_environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "parallel_cpu.json").read_text())
+    by = {(r["devices"], r["step"]): r for r in saved["rows"]}
+    assert set(by) == {(n, s) for n in (1, 2) for s in ("base", "sam",
+                                                         "sam_sync")}
+    # Per-shard SAM reduces one gradient-sized set per step, synced SAM two.
+    n_params = 8 * 64 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+    for n in (1, 2):
+        assert by[(n, "sam")]["reduced_elements"] == n_params
+        assert by[(n, "sam_sync")]["reduced_elements"] == 2 * n_params

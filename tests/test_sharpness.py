@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import sam_optax
 from sam_optax import sharpness
 
 matplotlib.use("Agg")
@@ -125,11 +127,11 @@ def test_lanczos_full_dimension_and_repeated_eigenvalues():
 
 def test_repeated_calls_compile_once():
     loss = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 9.0) * jnp.tanh(w) ** 2)
-    before = sharpness._lanczos._cache_size()
+    before = sharpness.spectra._lanczos._cache_size()
     first = sharpness.lanczos(loss, jnp.zeros(8), k=2)
     second = sharpness.lanczos(loss, jnp.full(8, 0.5, jnp.float32), k=2,
                                key=jax.random.PRNGKey(7))
-    assert sharpness._lanczos._cache_size() == before + 1
+    assert sharpness.spectra._lanczos._cache_size() == before + 1
     np.testing.assert_allclose(first.eigenvalues, [8.0, 7.0], rtol=1e-5)
     assert float(second.eigenvalues[0]) < 8.0  # tanh flattens away from 0
 
@@ -217,32 +219,41 @@ def test_hutchinson_trace_is_exact_for_diagonal_hessians():
 # m-sharpness vs a float64 NumPy reference of the SAM ascent.
 
 
-def _regression_problem():
+def _regression_problem(near_fit=False):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 3)).astype(np.float32)
     y = rng.normal(size=(12,)).astype(np.float32)
     w = rng.normal(size=(3,)).astype(np.float32)
+    if near_fit:
+        # Small residuals: the gradient is small against ρ·H, so the ascent
+        # turns between its steps and the step rule shows in the result.
+        y = (x @ w + 0.05 * y).astype(np.float32)
     return w, x, y
 
 
 def _reference_m_sharpness(w, x, y, rho, m, steps):
+    """Foret et al.'s multi-step ascent (App. C.6), as ``multistep_sam``
+    takes it: a full step ρ ĝ, then steps of ρ/n projected on the ball."""
     w, x, y = (np.asarray(a, np.float64) for a in (w, x, y))
     loss = lambda v, xs, ys: 0.5 * np.mean((xs @ v - ys) ** 2)
     grad = lambda v, xs, ys: xs.T @ (xs @ v - ys) / len(ys)
     values = []
     for start in range(0, len(y), m):
         xs, ys = x[start:start + m], y[start:start + m]
-        eps = np.zeros_like(w)
-        for _ in range(steps):
+        g = grad(w, xs, ys)
+        eps = rho * g / np.linalg.norm(g)
+        for _ in range(steps - 1):
             g = grad(w + eps, xs, ys)
             eps = eps + (rho / steps) * g / np.linalg.norm(g)
+            eps = eps * min(1.0, rho / np.linalg.norm(eps))
         values.append(loss(w + eps, xs, ys) - loss(w, xs, ys))
     return np.mean(values), np.array(values)
 
 
-@pytest.mark.parametrize("m,steps", [(1, 1), (4, 1), (12, 1), (3, 3)])
-def test_m_sharpness_matches_numpy_reference(m, steps):
-    w, x, y = _regression_problem()
+@pytest.mark.parametrize("near_fit", [False, True])
+@pytest.mark.parametrize("m,steps", [(1, 1), (4, 1), (12, 1), (3, 3), (4, 2)])
+def test_m_sharpness_matches_numpy_reference(m, steps, near_fit):
+    w, x, y = _regression_problem(near_fit)
     loss_fn = lambda v, data: 0.5 * jnp.mean((data[0] @ v - data[1]) ** 2)
     value, per_chunk = sharpness.m_sharpness(loss_fn, jnp.asarray(w), (x, y),
                                              rho=0.3, m=m, ascent_steps=steps)
@@ -251,6 +262,40 @@ def test_m_sharpness_matches_numpy_reference(m, steps):
     np.testing.assert_allclose(value, expected, rtol=1e-4)
     assert per_chunk.shape == (12 // m,)
     assert np.all(np.asarray(per_chunk) > 0)  # ascent increases a convex loss
+
+
+def test_m_sharpness_takes_the_ascent_of_multistep_sam():
+    """One definition: m-sharpness on one chunk is the sharpness
+    ``L(w + ε) − L(w)`` that ``multistep_sam`` records for the same batch."""
+    w, x, y = _regression_problem(near_fit=True)
+    loss_fn = lambda v, data: 0.5 * jnp.mean((data[0] @ v - data[1]) ** 2)
+    value, _ = sharpness.m_sharpness(loss_fn, jnp.asarray(w), (x, y), rho=0.3,
+                                     m=12, ascent_steps=3)
+    tx = sam_optax.multistep_sam(optax.sgd(0.1), 0.3, steps=3)
+    batch_loss = lambda v: loss_fn(v, (x, y))
+    params = jnp.asarray(w)
+    update = jax.jit(lambda p, s: tx.update(
+        jax.grad(batch_loss)(p), s, p, grad_fn=jax.value_and_grad(batch_loss),
+        value=batch_loss(p)))
+    _, state = update(params, tx.init(params))
+    recorded = sam_optax.diagnostics(state).sharpness
+    np.testing.assert_allclose(value, recorded, rtol=1e-5)
+
+
+def test_m_sharpness_with_an_ascent_takes_no_ascent_steps():
+    w, x, y = _regression_problem()
+    loss_fn = lambda v, data: 0.5 * jnp.mean((data[0] @ v - data[1]) ** 2)
+    args = (loss_fn, jnp.asarray(w), (x, y))
+    with pytest.raises(ValueError, match="ascent_steps.*multistep_ascent"):
+        sharpness.m_sharpness(*args, rho=0.3, m=4, ascent_steps=2,
+                              ascent=sam_optax.ascent.normalized_ascent())
+    # The default is the same ascent as passing multistep_ascent(n).
+    default, _ = sharpness.m_sharpness(*args, rho=0.3, m=4, ascent_steps=2)
+    explicit, _ = sharpness.m_sharpness(
+        *args, rho=0.3, m=4, ascent=sam_optax.ascent.multistep_ascent(2))
+    np.testing.assert_allclose(explicit, default, rtol=1e-6)
+    with pytest.raises(ValueError, match="`data`"):
+        sharpness.m_sharpness(loss_fn, jnp.asarray(w), None, rho=0.3, m=4)
 
 
 def test_m_sharpness_smaller_m_is_sharper_and_rho_zero_is_zero():
@@ -295,9 +340,10 @@ def test_landscapes_match_pointwise_loops_and_compile_once():
     line = sharpness.loss_landscape_1d(loss, params, dx, alphas)
     np.testing.assert_allclose(line, [loss(shift(a, 0.0)) for a in alphas],
                                rtol=1e-5)
-    before = sharpness._evaluate_chunk._cache_size()
+    before = sharpness.landscapes._evaluate_chunk._cache_size()
     grid = sharpness.loss_landscape_2d(loss, params, dx, dy, alphas, betas)
-    assert sharpness._evaluate_chunk._cache_size() == before + 1  # one compile
+    # One compilation for the whole grid.
+    assert sharpness.landscapes._evaluate_chunk._cache_size() == before + 1
     assert grid.shape == (5, 4)
     expected = [[loss(shift(a, b)) for b in betas] for a in alphas]
     np.testing.assert_allclose(grid, expected, rtol=1e-5)
@@ -305,7 +351,7 @@ def test_landscapes_match_pointwise_loops_and_compile_once():
     chunked = sharpness.loss_landscape_2d(loss, params, dx, dy, alphas, betas,
                                           batch_size=7, progress=False)
     np.testing.assert_allclose(chunked, grid, rtol=1e-6)
-    assert sharpness._evaluate_chunk._cache_size() == before + 2
+    assert sharpness.landscapes._evaluate_chunk._cache_size() == before + 2
 
 
 def test_interpolation_landscape_endpoints():
@@ -381,3 +427,62 @@ def test_bad_arguments_raise_clear_errors():
         sharpness.loss_landscape_1d(loss, w, w, [0.0, 1.0], batch_size=0)
     with pytest.raises(ValueError, match="params_b"):
         sharpness.interpolation_landscape(loss, w, jnp.ones(2), [0.0])
+
+
+# --------------------------------------------------------------------------
+# The package: one module per topic, the same public names, nothing at import.
+
+
+def test_every_public_name_is_reexported_from_its_module():
+    modules = (sharpness.spectra, sharpness.msharpness, sharpness.landscapes,
+               sharpness.plots)
+    names = [name for module in modules for name in module.__all__]
+    assert sorted(names) == sorted(sharpness.__all__)
+    for module in modules:
+        for name in module.__all__:
+            assert getattr(sharpness, name) is getattr(module, name), name
+    # What README.md, the notebooks and the benchmarks call.
+    for name in ("lanczos", "power_iteration", "hutchinson_trace",
+                 "hessian_vector_product", "m_sharpness",
+                 "filter_normalized_direction", "loss_landscape_1d",
+                 "loss_landscape_2d", "interpolation_landscape",
+                 "plot_landscape_1d", "plot_landscape_2d", "EigenResult",
+                 "TraceEstimate"):
+        assert callable(getattr(sam_optax.sharpness, name)), name
+
+
+def test_docstrings_are_the_source_text():
+    """No docstring is rewritten at import: each is what its source says."""
+    import ast
+    import inspect
+
+    for name in sharpness.__all__:
+        obj = getattr(sharpness, name)
+        tree = ast.parse(inspect.getsource(inspect.getmodule(obj)))
+        node = next(n for n in ast.walk(tree) if isinstance(
+            n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+        assert obj.__doc__ == ast.get_docstring(node, clean=False), name
+    for name in ("hessian_vector_product", "power_iteration", "lanczos",
+                 "hutchinson_trace"):
+        assert "batches: ``None`` when" in getattr(sharpness, name).__doc__
+
+
+def test_importing_sam_optax_does_not_import_matplotlib():
+    import os
+    import subprocess
+    import sys
+
+    # A fresh interpreter: this one imported matplotlib at the top of the file.
+    code = ("import sys, sam_optax; "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_plots_without_matplotlib_say_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # not found
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        sharpness.plot_landscape_1d([0.0, 1.0], [1.0, 2.0])
