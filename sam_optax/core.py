@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +78,9 @@ class SAMState(NamedTuple):
 
     ρ and the diagnostics are packed into one float32 vector, ``scalars``, and
     read back through the ``rho`` and ``diagnostics`` properties: every array
-    in the state is a buffer that JAX hands to and from each jitted step, and
-    on a small model on GPU nine separate scalars cost ~0.05 ms per step
-    (~14 % of the benchmark MLP's hand-written SAM step). Build one with
-    :meth:`create`.
+    in the state is a buffer that JAX hands to and from each jitted step,
+    which a small model on a GPU notices (measured in
+    ``benchmarks/results/overhead_*.md``). Build one with :meth:`create`.
 
     Attributes:
       count: number of updates so far (int32).
@@ -453,8 +452,9 @@ def current_rho(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def check_update_call(grads: PyTree, params: PyTree,
-                      grad_fn: Optional[GradFn]) -> None:
-    """The errors every SAM-type ``update`` raises before doing anything."""
+                      grad_fn: Optional[GradFn]) -> GradFn:
+    """The errors every SAM-type ``update`` raises before doing anything;
+    returns ``grad_fn``, known to be there."""
     if grad_fn is None:
         raise TypeError(_MISSING_GRAD_FN)
     if _inside_multisteps():
@@ -466,6 +466,7 @@ def check_update_call(grads: PyTree, params: PyTree,
             "`tx.update(grads, opt_state, params, grad_fn=...)`.")
     validation.check_no_masked_nodes(params)
     validation.check_same_structure(grads, params, "grads")
+    return grad_fn
 
 
 def paid_diagnostics(ascent_grads: PyTree, perturbation: Perturbation,
@@ -577,7 +578,7 @@ def sharpness_aware(
     def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
                   grad_fn: Optional[GradFn] = None,
                   **extra_args: Any) -> tuple[PyTree, SAMState]:
-        check_update_call(grads, params, grad_fn)
+        grad_fn = check_update_call(grads, params, grad_fn)
         if axis_name is not None:
             # Inside shard_map: reject gradients summed over shards, and take
             # every further gradient at a varying point so it stays local.
@@ -685,7 +686,10 @@ def sharpness_aware(
             diagnostics=diagnostics,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # `update` takes `grad_fn=` by keyword, which optax's protocol type for
+    # update functions cannot express.
+    return optax.GradientTransformationExtraArgs(
+        init_fn, cast(optax.TransformUpdateExtraArgsFn, update_fn))
 
 
 def _replica_mean_diagnostics(diagnostics: SAMDiagnostics,

@@ -46,6 +46,7 @@ from typing import Any, Optional, Union
 
 import jax
 import numpy as np
+from jax.core import Tracer
 
 from sam_optax.types import Mask, PyTree
 
@@ -60,7 +61,7 @@ _FIX = ("Pass a tree of Python bools with the structure of the params or a "
 
 def _as_flag(leaf: Any, path: str, name: str) -> bool:
     """One mask leaf as a Python bool, or a ValueError naming ``path``."""
-    if isinstance(leaf, jax.core.Tracer):
+    if isinstance(leaf, Tracer):
         raise ValueError(
             f"`{name}` must be static, but its leaf {path} is a traced value "
             "(a mask computed from parameter values inside `jit`): which "

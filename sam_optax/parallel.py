@@ -16,7 +16,7 @@ averaged over ``axis_name`` before ``base_tx``. The four ways to run it:
   builds the ``shard_map`` step over a mesh axis for you. Without it, ``jit``
   differentiates the global-batch loss: ε is then global (plain SAM);
 * one device -- :func:`chunked_step` splits the batch into chunks of ``m``
-  examples and ``vmap``s over them with an axis name (m-sharpness without
+  examples and runs ``vmap`` over them with an axis name (m-sharpness without
   extra devices).
 
 All four run the same per-shard body, :func:`train_step`, and refuse (with a
@@ -35,7 +35,7 @@ References:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -83,8 +83,9 @@ def train_step(tx: optax.GradientTransformation, loss_fn: LossFn, *,
         loss, grads = value_and_grad(params)
         if axis_name is not None:
             loss = jax.lax.pmean(loss, axis_name)
-        updates, opt_state = tx.update(grads, opt_state, params,
-                                       grad_fn=value_and_grad, value=loss)
+        updates, opt_state = tx.update(
+            grads, opt_state, params,
+            grad_fn=value_and_grad, value=loss)  # pyright: ignore[reportCallIssue]
         _check_replicated(updates, opt_state, axis_name)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -129,7 +130,7 @@ _PER_SHARD_STATE_FIX = (
 _UNBOUND_AXIS = re.compile(r"unbound axis name: (\S+?)\.?(?=\s|$)")
 
 
-def _updates_fix(axis_name: AxisName) -> str:
+def _updates_fix(axis_name: Optional[AxisName]) -> str:
     return ("build the transformation with the step's axis, "
             f"`axis_name={axis_name!r}` (e.g. `sam_optax.sam(base, rho, "
             f"axis_name={axis_name!r})`), so that the second gradient is "
@@ -170,7 +171,7 @@ def _explain_axis_error(err: Exception, axis_name: AxisName, where: str,
 
 
 def _vmapped_body(tx: optax.GradientTransformation, loss_fn: LossFn,
-                  axis_name: AxisName, axis_sizes: dict[str, Optional[int]], *,
+                  axis_name: AxisName, axis_sizes: Mapping[str, Optional[int]], *,
                   batch_axis: Optional[int], state_axis: Optional[int]
                   ) -> Step:
     """:func:`train_step` under one ``vmap`` per named axis (outermost first).
@@ -179,7 +180,7 @@ def _vmapped_body(tx: optax.GradientTransformation, loss_fn: LossFn,
     (``out_axes=None``): vmap refuses updates that differ over an axis.
     """
     body = train_step(tx, loss_fn, axis_name=axis_name)
-    for axis, size in reversed(axis_sizes.items()):
+    for axis, size in reversed(list(axis_sizes.items())):
         body = jax.vmap(body, in_axes=(None, None, batch_axis),
                         out_axes=(None, state_axis, None), axis_name=axis,
                         axis_size=size)
@@ -429,7 +430,12 @@ def data_parallel_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       >>> float(loss)
       1.0
     """
-    mesh = data_mesh(axis_name) if mesh is None else mesh
+    if mesh is None:
+        if not isinstance(axis_name, str):
+            raise ValueError(
+                f"`axis_name` {axis_name!r} names several axes: pass the "
+                "`mesh` that has them (the default mesh is 1-D).")
+        mesh = data_mesh(axis_name)
     where = "`data_parallel_step`"
     _check_mesh_axes(mesh, axis_name, where)
     shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P()),
@@ -464,7 +470,7 @@ def split_into_chunks(batch: PyTree, chunk_size: int) -> PyTree:
         raise ValueError(
             "every batch leaf must have the same leading (batch) dimension; "
             f"got {sorted(map(str, sizes))}.")
-    (size,) = sizes
+    size = int(np.shape(jax.tree.leaves(batch)[0])[0])
     if size % chunk_size:
         raise ValueError(
             f"the batch size {size} is not a multiple of `chunk_size` "

@@ -12,7 +12,7 @@ as GSAM does; any Optax schedule is accepted as ``rho`` by every variant.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import optax
 
 from sam_optax import numerics, validation
 from sam_optax.core import Schedule, no_state
+from sam_optax.types import ScalarOrSchedule
 
 # ‖g‖² is capped here so that its squared deviation (the variance update)
 # stays finite in float32 even for absurd gradients (‖g‖ ≥ 1e9).
@@ -87,7 +88,7 @@ class AdaptivePolicyState(NamedTuple):
     variance: jax.Array
 
 
-def adaptive_policy(c: Union[float, optax.Schedule] = 0.0,
+def adaptive_policy(c: ScalarOrSchedule = 0.0,
                     delta: float = 0.9) -> Schedule:
     """AE-SAM's policy: SAM only where ‖g‖² is large (Jiang et al. 2023).
 

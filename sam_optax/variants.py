@@ -261,8 +261,12 @@ def gcsam(
     Args:
       base_tx: the optimizer that receives Φ(g_sam).
       rho: the radius ρ ≥ 0, or a schedule of the step count.
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as for :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -326,9 +330,12 @@ def asam(
         params); the others get ``T = 1``. Default: every leaf (the paper's
         formula); the official code scales weight tensors only, which
         ``adaptive=sam_optax.masks.exclude_bias_and_norm`` reproduces.
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -386,9 +393,12 @@ def fisher_sam(
       base_tx: the optimizer that receives the perturbed gradient.
       rho: the radius ρ ≥ 0 (float or schedule).
       eta: η ≥ 0, the weight of the squared-gradient Fisher estimate.
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -449,9 +459,12 @@ def friendly_sam(
       rho: the radius ρ ≥ 0 (float or schedule).
       sigma: σ ≥ 0, the weight of the subtracted EMA (0: SAM).
       lmbda: λ ∈ [0, 1), the EMA decay.
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -506,9 +519,12 @@ def vasso(
       base_tx: the optimizer that receives the perturbed gradient.
       rho: the radius ρ ≥ 0 (float or schedule).
       theta: θ ∈ (0, 1], the weight of the newest gradient.
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -562,9 +578,12 @@ def random_sam(
       base_tx: the optimizer that receives the perturbed gradient.
       rho: the radius ρ ≥ 0 (float or schedule).
       seed: an int or a JAX PRNG key.
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -620,9 +639,12 @@ def multistep_sam(
       steps: n ≥ 1 ascent steps.
       step_size: α ∈ (0, 1], length of steps 2..n as a fraction of ρ
         (default 1/n).
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -684,9 +706,12 @@ def esam(
       seed: an int or a JAX PRNG key.
       granularity: ``"coordinate"`` (the paper) or ``"leaf"`` (one draw per
         parameter tensor, the official code).
-      mask, axis_name, sync_perturbation, perturbation_axis_name,
-        perturbation_axis_index_groups, full_diagnostics: as in
-        :func:`sam`.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -753,6 +778,12 @@ def gsam(
       base_tx: the optimizer that receives the GSAM gradient.
       rho: radius ρ ≥ 0, or a schedule of the step count.
       alpha: weight α ∈ [0, 1] of the surrogate-gap term.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -829,6 +860,12 @@ def wsam(
       decoupled: use the decoupled form (needs ``learning_rate``).
       learning_rate: ``base_tx``'s learning rate, float or schedule; only
         for ``decoupled=True``.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -861,7 +898,8 @@ def wsam(
             "`learning_rate` is only used by `decoupled=True`; drop it (the "
             "coupled form takes the learning rate from `base_tx`).")
     descent = (descent_lib.wsam_decoupled_gradient(gamma, learning_rate)
-               if decoupled else descent_lib.wsam_gradient(gamma))
+               if decoupled and learning_rate is not None
+               else descent_lib.wsam_gradient(gamma))
     return _sam_like(
         base_tx, rho, ascent_lib.normalized_ascent(mask=mask),
         descent=descent,
@@ -904,6 +942,12 @@ def looksam(
       rho: radius ρ ≥ 0, or a schedule of the step count.
       k: refresh period ≥ 1.
       alpha: weight α ≥ 0 of the reused direction.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -957,6 +1001,12 @@ def every_k_sam(
       base_tx: the optimizer.
       rho: radius ρ ≥ 0, or a schedule of the step count.
       k: period ≥ 1.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -1014,6 +1064,12 @@ def ae_sam(
       rho: radius ρ ≥ 0, or a schedule of the step count.
       c: threshold in standard deviations, a float or a schedule.
       delta: forgetting rate δ ∈ [0, 1) of the statistics.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -1056,7 +1112,7 @@ def msam(
 ) -> optax.GradientTransformationExtraArgs:
     """MSAM: perturb along the momentum, one gradient per step (Becker 2024).
 
-    See :func:`sam_optax.momentum_sam.momentum_sam` for the rule and what
+    See ``sam_optax.momentum_sam.momentum_sam`` for the rule and what
     ``base_tx`` must be (a momentum optimizer, e.g. SGD with momentum). The
     parameters the caller holds are the *perturbed* ones; evaluate and export
     :func:`sam_optax.msam_clean_params`. ``grad_fn`` is accepted and never
@@ -1067,6 +1123,12 @@ def msam(
     Args:
       base_tx: a momentum optimizer.
       rho: radius ρ ≥ 0 (the paper uses ~0.3 with SGD), or a schedule.
+      mask: the leaves to perturb, as for :func:`sam`.
+      axis_name: as for :func:`sam`.
+      sync_perturbation: as for :func:`sam`.
+      perturbation_axis_name: as for :func:`sam`.
+      perturbation_axis_index_groups: as for :func:`sam`.
+      full_diagnostics: as for :func:`sam`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -1095,9 +1157,9 @@ def msam(
             and perturbation_axis_name is None):
         raise ValueError(
             "`perturbation_axis_index_groups` needs `perturbation_axis_name`.")
-    # (MSAM has no second gradient: `full_diagnostics` changes nothing.)
     return momentum_sam_lib.momentum_sam(base_tx, rho, mask=mask,
-                                         axis_name=axis_name)
+                                         axis_name=axis_name,
+                                         full_diagnostics=full_diagnostics)
 
 
 __all__ = ["ae_sam", "asam", "esam", "every_k_sam", "fisher_sam", "friendly_sam",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from numpy_reference import norm, sam_perturbation, tmap
+from sam_steps import iterate
 
 import sam_optax
 
@@ -172,23 +172,10 @@ def run_tx(tx, problem, steps, states=None):
     the final state); ``states``, when given, receives the state after each
     step.
     """
+    states = [] if states is None else states
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), problem.init)
-    grad_fn = jax.grad(problem.jax_loss)
-
-    @jax.jit
-    def step(params, state):
-        updates, state = tx.update(grad_fn(params), state, params,
-                                   grad_fn=grad_fn)
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
-    history, flags = [], []
-    for _ in range(steps):
-        params, state = step(params, state)
-        if states is not None:
-            states.append(state)
-        history.append(jax.tree.map(lambda x: np.asarray(x, np.float64), params))
-        flags.append(bool(sam_optax.diagnostics(state).perturbed))
+    history, state = iterate(tx, problem.jax_loss, params, steps, states=states)
+    flags = [bool(sam_optax.diagnostics(s).perturbed) for s in states[-steps:]]
     return history, flags, state
 
 

@@ -21,6 +21,7 @@ from numpy_reference import (
     sam_perturbation,
     tmap,
 )
+from sam_steps import iterate
 
 import sam_optax
 
@@ -36,22 +37,7 @@ def run_jax(tx, problem, steps=STEPS, jit=False):
     # this is faster than compiling each method's step (tracing is tested in
     # test_zero_tiny_gradients_bf16_and_no_retracing). Loops (multi-step)
     # would be compiled at every eager call: those are jitted.
-    params = to_jax(problem.init)
-    state = tx.init(params)
-
-    def step(params, state):
-        grads = jax.grad(problem.jax_loss)(params)
-        updates, state = tx.update(grads, state, params,
-                                   grad_fn=jax.grad(problem.jax_loss))
-        return optax.apply_updates(params, updates), state
-
-    step = jax.jit(step) if jit else step
-
-    history = []
-    for _ in range(steps):
-        params, state = step(params, state)
-        history.append(jax.tree.map(np.asarray, params))
-    return history, state
+    return iterate(tx, problem.jax_loss, to_jax(problem.init), steps, jit=jit)
 
 
 def assert_close_history(got, expected, rtol=2e-5):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sam_steps import iterate
 
 import sam_optax
 
@@ -21,19 +22,10 @@ PARAMS = {"w": jnp.zeros(3), "b": jnp.zeros(1)}
 
 
 def run(tx, steps=4, params=PARAMS, batches=None):
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, batch):
-        lf = lambda p: loss_fn(p, batch)
-        grads = jax.grad(lf)(params)
-        updates, state = tx.update(grads, state, params, grad_fn=jax.grad(lf))
-        return optax.apply_updates(params, updates), state
-
     batches = batches if batches is not None else [1.0] * steps
-    for b in batches:
-        params, state = step(params, state, jnp.float32(b))
-    return params, state
+    history, state = iterate(tx, loss_fn, params,
+                             batches=[jnp.float32(b) for b in batches])
+    return history[-1], state
 
 
 def manual_sam(base, rho, batches, params=PARAMS):

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from numpy_reference import PROBLEMS, SGD, Adam, norm, run_sam, tmap
+from sam_steps import iterate, sam_step
 
 import sam_optax
 
@@ -22,13 +23,7 @@ def to_jax(tree):
 
 
 def make_step(tx, loss_fn):
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(loss_fn)(params)
-        updates, state = tx.update(grads, state, params,
-                                   grad_fn=jax.grad(loss_fn))
-        return optax.apply_updates(params, updates), state
-    return step
+    return sam_step(tx, loss_fn)
 
 
 @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
@@ -339,11 +334,9 @@ def test_float64_params_are_computed_in_float64():
 
 
 def sam_params_after(tx, loss_fn, params, steps=3):
-    step = make_step(tx, loss_fn)
-    state = tx.init(params)
-    for _ in range(steps):
-        params, state = step(params, state)
-    return params, state
+    history, state = iterate(tx, loss_fn, params, steps)
+    return jax.tree.map(lambda h, p: np.asarray(h).astype(p.dtype),
+                        history[-1], params), state
 
 
 QUADRATIC = lambda w: jnp.sum((w - jnp.array([1.0, -2.0, 0.5])) ** 2)  # noqa: E731

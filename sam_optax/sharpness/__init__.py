@@ -5,18 +5,18 @@ eigenvalue λ_max (Foret et al. 2021, Fig. 3). This package measures that,
 and the loss around a solution, on any JAX loss. One module per topic, every
 public name re-exported here (``sam_optax.sharpness.lanczos``):
 
-* :mod:`~sam_optax.sharpness.spectra` -- :func:`hessian_vector_product`,
+* ``sam_optax.sharpness.spectra`` -- :func:`hessian_vector_product`,
   :func:`power_iteration`, :func:`lanczos` (top eigenvalues, as
   :class:`EigenResult`) and :func:`hutchinson_trace` (tr(H), as
   :class:`TraceEstimate`), from Hessian-vector products only;
-* :mod:`~sam_optax.sharpness.msharpness` -- :func:`m_sharpness`,
+* ``sam_optax.sharpness.msharpness`` -- :func:`m_sharpness`,
   ``max_{‖ε‖≤ρ} L(w+ε) − L(w)`` by the library's SAM ascent, averaged over
   chunks of m examples;
-* :mod:`~sam_optax.sharpness.landscapes` --
+* ``sam_optax.sharpness.landscapes`` --
   :func:`filter_normalized_direction`, :func:`loss_landscape_1d`,
   :func:`loss_landscape_2d` and :func:`interpolation_landscape`: loss slices
   (Li et al. 2018) evaluated with ``vmap`` in one compiled call;
-* :mod:`~sam_optax.sharpness.plots` -- :func:`plot_landscape_1d` and
+* ``sam_optax.sharpness.plots`` -- :func:`plot_landscape_1d` and
   :func:`plot_landscape_2d`, matplotlib Figures (matplotlib is imported on
   first use only).
 

@@ -154,9 +154,9 @@ def loss_landscape_1d(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
       ...     loss, jnp.zeros(2), jnp.ones(2), [-1.0, 0.0, 2.0]).tolist()
       [2.0, 0.0, 8.0]
     """
-    alphas = check_grid(alphas, "alphas")
+    alpha_grid = check_grid(alphas, "alphas")
     _check_direction(direction, params, "direction")
-    coefficients = alphas.astype(np.float32)[:, None]
+    coefficients = alpha_grid.astype(np.float32)[:, None]
     return _evaluate(loss_fn, params, [direction], coefficients, batch_size,
                      progress, "1-D landscape")
 
@@ -191,15 +191,15 @@ def loss_landscape_2d(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
       >>> grid.tolist()
       [[0.0, 3.0, 12.0], [1.0, 4.0, 13.0]]
     """
-    alphas = check_grid(alphas, "alphas")
-    betas = check_grid(betas, "betas")
+    alpha_grid = check_grid(alphas, "alphas")
+    beta_grid = check_grid(betas, "betas")
     _check_direction(direction_x, params, "direction_x")
     _check_direction(direction_y, params, "direction_y")
-    grid_a, grid_b = np.meshgrid(alphas, betas, indexing="ij")
+    grid_a, grid_b = np.meshgrid(alpha_grid, beta_grid, indexing="ij")
     coefficients = np.stack([grid_a.ravel(), grid_b.ravel()], 1).astype(np.float32)
     flat = _evaluate(loss_fn, params, [direction_x, direction_y], coefficients,
                      batch_size, progress, "2-D landscape")
-    return flat.reshape(len(alphas), len(betas))
+    return flat.reshape(len(alpha_grid), len(beta_grid))
 
 
 def interpolation_landscape(loss_fn: Callable[[PyTree], jax.Array],

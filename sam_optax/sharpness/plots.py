@@ -59,19 +59,19 @@ def plot_landscape_1d(alphas: Sequence[float], losses: Curves, *,
       The :class:`matplotlib.figure.Figure`.
     """
     Figure = _figure_class()
-    alphas = check_grid(alphas, "alphas")
+    alpha_grid = check_grid(alphas, "alphas")
     curves = _as_named(losses, "loss")
     for name, curve in curves.items():
-        if curve.shape != alphas.shape:
+        if curve.shape != alpha_grid.shape:
             raise ValueError(f"losses[{name!r}] has shape {curve.shape}; "
-                             f"expected {alphas.shape} (one per alpha).")
+                             f"expected {alpha_grid.shape} (one per alpha).")
     if ax is None:
         fig = Figure(figsize=(5, 3.5), layout="constrained")
         ax = fig.add_subplot()
     else:
         fig = ax.figure
     for name, curve in curves.items():
-        ax.plot(alphas, curve, label=name)
+        ax.plot(alpha_grid, curve, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_scale:
@@ -102,15 +102,15 @@ def plot_landscape_2d(alphas: Sequence[float], betas: Sequence[float],
       The :class:`matplotlib.figure.Figure`.
     """
     Figure = _figure_class()
-    alphas = check_grid(alphas, "alphas")
-    betas = check_grid(betas, "betas")
+    alpha_grid = check_grid(alphas, "alphas")
+    beta_grid = check_grid(betas, "betas")
     validation.check_positive_int(levels, "levels")
     grids = _as_named(losses, "loss")
     for name, grid in grids.items():
-        if grid.shape != (alphas.size, betas.size):
+        if grid.shape != (alpha_grid.size, beta_grid.size):
             raise ValueError(
                 f"losses[{name!r}] has shape {grid.shape}; expected "
-                f"{(alphas.size, betas.size)} (len(alphas), len(betas)).")
+                f"{(alpha_grid.size, beta_grid.size)} (len(alphas), len(betas)).")
     if log_scale:
         grids = {k: np.log10(np.maximum(v, 1e-12)) for k, v in grids.items()}
     low = min(float(np.min(g)) for g in grids.values())
@@ -120,10 +120,10 @@ def plot_landscape_2d(alphas: Sequence[float], betas: Sequence[float],
     axes = fig.subplots(1, len(grids), squeeze=False)[0]
     contour = None
     for ax, (name, grid) in zip(axes, grids.items(), strict=True):
-        contour = ax.contourf(betas, alphas, grid, levels=contour_levels,
-                              cmap="viridis")
-        ax.contour(betas, alphas, grid, levels=contour_levels, colors="k",
-                   linewidths=0.3)
+        contour = ax.contourf(beta_grid, alpha_grid, grid,
+                              levels=contour_levels, cmap="viridis")
+        ax.contour(beta_grid, alpha_grid, grid, levels=contour_levels,
+                   colors="k", linewidths=0.3)
         ax.plot([0], [0], "r+", markersize=10)
         ax.set_title(name)
         ax.set_xlabel("β")

@@ -222,7 +222,7 @@ def power_iteration(loss_fn: ScalarLoss, params: PyTree, *, batches: Any = None,
     stopping when ``|λ_t − λ_{t−1}| ≤ tol·|λ_t|`` or after
     ``num_iterations`` Hessian-vector products. Power iteration converges to
     the eigenvalue of largest *magnitude*; at a minimum that is λ_max. Its
-    speed depends on the gap |λ₂/λ₁|: prefer :func:`lanczos` for accuracy or
+    speed depends on the gap ``|λ₂/λ₁|``: prefer :func:`lanczos` for accuracy or
     for several eigenvalues.
 
     Args:
