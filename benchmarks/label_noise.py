@@ -9,11 +9,13 @@ and a one-hidden-layer MLP.
 Protocol, per seed (the seed fixes the split, the noise, the init and the
 batches):
 
-* split: 20% test (clean labels), then 20% of the rest as a held-out
-  validation split, the remainder for training;
-* noise: a fraction p ∈ {0, 0.2, 0.4, 0.6} of training *and* validation
-  labels is replaced by a uniformly drawn *different* class (symmetric
-  noise); the test labels stay clean;
+* split (``sam_optax.train.data.load``, the trainer's data module): the
+  fixed stratified 25 % test split of digits (clean labels), then 20 % of
+  the rest, drawn from the seed, as a held-out validation split, the
+  remainder for training;
+* noise: each training *and* validation label is replaced, with
+  probability p ∈ {0, 0.2, 0.4, 0.6}, by a uniformly drawn *different*
+  class (symmetric noise, from the seed); the test labels stay clean;
 * training: momentum SGD (0.9, cosine learning rate, weight decay) and SAM
   around the same optimizer; SAM's ρ is chosen from the paper's grid
   {0.01, 0.02, 0.05, 0.1, 0.2, 0.5} by mean accuracy on the (noisy)
@@ -44,18 +46,17 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import sam_optax
+from sam_optax import sharpness
+from sam_optax.train import data
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-
-import common  # noqa: E402
-
-import sam_optax  # noqa: E402
-from sam_optax import sharpness  # noqa: E402
 
 RHO_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6)
@@ -76,31 +77,16 @@ class Splits(NamedTuple):
 
 
 def make_splits(noise: float, seeds: int) -> Splits:
-    """Per-seed split, symmetric label noise on train + validation."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x_all = (digits.data / 16.0).astype(np.float32)
-    y_all = digits.target.astype(np.int32)
-    n = len(y_all)
-    n_test = n // 5
-    n_val = (n - n_test) // 5
+    """Per-seed held-out split and symmetric label noise (train + validation),
+    from the trainer's data module; images flattened to 64 features."""
     parts = {k: [] for k in Splits._fields}
     for seed in range(seeds):
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(n)
-        test, val, train = np.split(order, [n_test, n_test + n_val])
-        noisy = y_all.copy()
-        flip = rng.random(n) < noise
-        # A uniformly drawn *different* class: offset by 1..9 modulo 10.
-        offset = rng.integers(1, NUM_CLASSES, n)
-        noisy[flip] = (y_all[flip] + offset[flip]) % NUM_CLASSES
-        parts["x_train"].append(x_all[train])
-        parts["y_train"].append(noisy[train])
-        parts["x_val"].append(x_all[val])
-        parts["y_val"].append(noisy[val])
-        parts["x_test"].append(x_all[test])
-        parts["y_test"].append(y_all[test])
+        splits = data.load("digits", seed=seed, label_noise=noise,
+                           validation_fraction=0.2)
+        for name in Splits._fields:
+            array = getattr(splits, name)
+            parts[name].append(array.reshape(len(array), -1)
+                               if name.startswith("x_") else array)
     return Splits(**{k: np.stack(v) for k, v in parts.items()})
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 
@@ -48,23 +47,19 @@ def main():
     import matplotlib
     import numpy as np
     import optax
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
     from tqdm import tqdm
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sam_optax
     from sam_optax import parallel
+    from sam_optax.train import data
 
     device_kind = jax.devices()[0].device_kind
     print("device:", device_kind)
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        (digits.data / 16.0).astype(np.float32), digits.target, test_size=0.3,
-        random_state=0, stratify=digits.target)
+    x_train, y_train, x_test, y_test = data.load_digits_split(
+        test_size=0.3, seed=0, flat=True)
 
     def init(key):
         k1, k2 = jax.random.split(key)
@@ -115,10 +110,8 @@ def main():
     results = {name: [] for name in configs}
     started = time.time()
     for seed in range(args.seeds):
-        rng = np.random.RandomState(seed)
-        noisy = y_train.copy()
-        flip = rng.rand(len(noisy)) < args.noise
-        noisy[flip] = (noisy[flip] + rng.randint(1, 10, flip.sum())) % 10
+        noisy, _ = data.symmetric_label_noise(y_train, args.noise, seed, 10)
+        rng = np.random.default_rng([seed, 1])
         orders = [rng.permutation(len(x_train))[:per_epoch * args.batch]
                   for _ in range(args.epochs)]
         params0 = init(jax.random.PRNGKey(seed))

@@ -12,42 +12,15 @@ from __future__ import annotations
 
 import argparse
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from digits_data import batches, load
 from tqdm import tqdm
 
 import sam_optax
-
-
-class ResidualBlock(nn.Module):
-    features: int
-
-    @nn.compact
-    def __call__(self, x, train):
-        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-        y = nn.relu(norm()(nn.Conv(self.features, (3, 3))(x)))
-        y = norm()(nn.Conv(self.features, (3, 3))(y))
-        return nn.relu(x + y)
-
-
-class ResNet(nn.Module):
-    features: int = 16
-    blocks: int = 2
-    dropout: float = 0.2
-
-    @nn.compact
-    def __call__(self, x, train):
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(
-            nn.Conv(self.features, (3, 3))(x)))
-        for _ in range(self.blocks):
-            x = ResidualBlock(self.features)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(10)(x)
+from sam_optax.train.data import load_digits_split, shuffled_batches
+from sam_optax.train.models import ResNet
 
 
 def loss_fn(apply, batch):
@@ -67,8 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
 
-    x_train, y_train, x_test, y_test = load(args.seed)
-    model = ResNet()
+    x_train, y_train, x_test, y_test = load_digits_split(seed=args.seed)
+    # The trainer's small ResNet (shared model module), with dropout.
+    model = ResNet(width=16, stages=1, blocks=2, dropout=0.2)
     variables = model.init(jax.random.key(args.seed), x_train[:1], train=False)
     base = optax.sgd(args.lr, momentum=0.9)
     state = sam_optax.linen.TrainState.create(
@@ -87,7 +61,8 @@ def main() -> None:
     rng, key = np.random.default_rng(args.seed), jax.random.key(args.seed + 1)
     for epoch in range(args.epochs):
         losses = []
-        for batch in tqdm(list(batches(x_train, y_train, args.batch_size, rng)),
+        epoch_batches = shuffled_batches(x_train, y_train, args.batch_size, rng)
+        for batch in tqdm(list(epoch_batches),
                           desc=f"epoch {epoch + 1}", leave=False):
             state, metrics = step(state, batch, key)
             losses.append(metrics["loss"])

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from digits_data import batches, load
 from flax import nnx
 from tqdm import tqdm
 
 import sam_optax
+from sam_optax.train.data import load_digits_split, shuffled_batches
 
 
 class ResidualBlock(nnx.Module):
@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
 
-    x_train, y_train, x_test, y_test = load(args.seed)
+    x_train, y_train, x_test, y_test = load_digits_split(seed=args.seed)
     model = ResNet(nnx.Rngs(args.seed, dropout=args.seed + 1))
     base = optax.sgd(args.lr, momentum=0.9)
     # A plain optimizer ignores nothing: pass grad_fn only to a SAM one.
@@ -94,7 +94,7 @@ def main() -> None:
         model.train()
         losses = []
         for images, labels in tqdm(
-                list(batches(x_train, y_train, args.batch_size, rng)),
+                list(shuffled_batches(x_train, y_train, args.batch_size, rng)),
                 desc=f"epoch {epoch + 1}", leave=False):
             loss, _ = train_step(model, optimizer, images, labels)
             losses.append(loss)

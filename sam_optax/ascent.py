@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.core import Tracer
 
 from sam_optax import masks, numerics, validation
 from sam_optax.core import Ascent, Perturbation, no_state
@@ -135,7 +136,7 @@ def _raw_key(seed: Seed) -> jax.Array:
 
 
 def _check_seed(seed: Seed) -> None:
-    if not isinstance(seed, jax.core.Tracer):
+    if not isinstance(seed, Tracer):
         _raw_key(seed)
 
 
@@ -163,8 +164,8 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
     """The one ascent mechanism: ``ε = ρ · S ⊙ unit(S ⊙ v)``.
 
     ε is exactly 0 on unselected leaves, and on every leaf when ``S ⊙ v`` has
-    an ``inf``/``NaN`` entry on the selected leaves (or, for p = 2, a norm
-    outside the safe range): see :mod:`sam_optax.numerics`.
+    an ``inf``/``NaN`` entry on the selected leaves (or, for p = 2, ``v`` or
+    ``S ⊙ v`` a norm outside the safe range): see :mod:`sam_optax.numerics`.
 
     Args:
       direction: ``direction(grads, state, params) -> (v, new_state)``.
@@ -192,10 +193,21 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
             unit = numerics.normalize(v, mask_tree, scale=rho)
             return Perturbation(unit.direction, state,
                                 norm=jnp.where(unit.usable, rho, 0.0))
+        if norm == "l2":
+            # v times its own power of two (exact: the same direction)
+            # before S, so S ⊙ v is well scaled. It also makes S ⊙ v depend
+            # on v's sums of squares, which the diagnostics' ‖g‖ shares when
+            # v = g: XLA then sums g before it writes S ⊙ v, and writes it
+            # over g (on CPU it kept g alive beside S ⊙ v instead: +0.17 P
+            # for ASAM, benchmarks/bench_memory.py). As for plain SAM, v
+            # outside the safe range gives ε = 0.
+            v_factors = numerics.norm_factors(v, mask_tree)
+            v = numerics.scale_tree(v, v_factors.pre)
         scaled = _multiply(v, s)
         if norm == "l2":
             unit = numerics.normalize(scaled, mask_tree)
-            direction_tree, usable = unit.direction, unit.usable
+            direction_tree = unit.direction
+            usable = unit.usable & v_factors.usable
         else:
             direction_tree = _sign(scaled, mask_tree)
             usable = numerics.all_finite(scaled, mask_tree)
@@ -205,6 +217,8 @@ def _ascent(direction: DirectionFn, init: Callable[[PyTree], Any] = no_state,
         epsilon = jax.tree.map(
             lambda e: jnp.where(usable, e, jnp.zeros([], e.dtype)),
             numerics.select_leaves(epsilon, mask_tree))
+        # ‖ε‖ is not known here without a sum over ε (which would keep ε
+        # alive as a parameter-sized buffer): left to the core.
         return Perturbation(epsilon, state)
 
     return Ascent(init=init_fn, perturbation=perturbation)
@@ -378,7 +392,8 @@ def friendly_ascent(sigma: float = 1.0, lmbda: float = 0.9, *,
 
         v, momentum = _map_pairs(update, grads, state.momentum)
         return v, FriendlyAscentState(
-            count=optax.safe_int32_increment(state.count), momentum=momentum)
+            count=jnp.asarray(optax.safe_int32_increment(state.count)),
+            momentum=momentum)
 
     return _ascent(direction, init, mask=mask)
 
@@ -421,7 +436,8 @@ def variance_suppressed_ascent(theta: float = 0.4, *,
 
         ema = jax.tree.map(update, grads, state.ema)
         return ema, VarianceSuppressedState(
-            count=optax.safe_int32_increment(state.count), ema=ema)
+            count=jnp.asarray(optax.safe_int32_increment(state.count)),
+            ema=ema)
 
     return _ascent(direction, init, mask=mask)
 
@@ -544,7 +560,8 @@ def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
             return first_step
         mask_tree = masks.resolve(mask, params, "mask")
 
-        def ascend(_, eps):
+        def ascend(_, carry):
+            eps, _ = carry
             g = grad_fn(numerics.add_perturbation(params, eps))
             # A non-finite g_k gives a zero step: ε stays where it was.
             step = numerics.normalize(g, mask_tree, scale=alpha * rho).direction
@@ -552,11 +569,16 @@ def multistep_ascent(steps: int = 2, *, step_size: Optional[float] = None,
             norm = numerics.global_norm(eps, mask_tree)
             shrink = jnp.where(norm > rho, rho / jnp.where(norm > 0, norm, 1.0),
                                1.0)
-            return numerics.scale_tree(eps, shrink)
+            # ‖ε‖ after the projection (ρ if it shrank), for the diagnostics:
+            # known here, so ε need not be measured again.
+            return (numerics.scale_tree(eps, shrink),
+                    jnp.minimum(norm, rho).astype(jnp.result_type(
+                        first_step.norm)))
 
         # fori_loop: one trace of grad_fn whatever n is.
-        epsilon = jax.lax.fori_loop(1, steps, ascend, first_step.epsilon)
-        return Perturbation(epsilon, first_step.state)
+        epsilon, norm = jax.lax.fori_loop(
+            1, steps, ascend, (first_step.epsilon, first_step.norm))
+        return Perturbation(epsilon, first_step.state, norm=norm)
 
     return Ascent(init=first.init, perturbation=perturbation)
 
@@ -599,7 +621,7 @@ def stochastic_weight_perturbation(ascent: Ascent, beta: float = 0.6, *,
                                            inner=ascent.init(params))
 
     def perturbation(grads, state, params, *, rho, grad_fn):
-        # (The wrapped ascent's ‖ε‖ would not hold after thinning: dropped.)
+        # (The wrapped ascent's ‖ε‖ does not hold after thinning.)
         inner = ascent.perturbation(grads, state.inner, params, rho=rho,
                                     grad_fn=grad_fn)
         key, draw = jax.random.split(state.key)
@@ -612,8 +634,11 @@ def stochastic_weight_perturbation(ascent: Ascent, beta: float = 0.6, *,
 
         epsilon = jax.tree.map(thin, _leaf_keys(draw, inner.epsilon),
                                inner.epsilon)
+        # ‖ε̂‖ is measured here (one sum over ε̂, which the second gradient's
+        # point is computed from anyway).
         return Perturbation(
-            epsilon, StochasticPerturbationState(key=key, inner=inner.state))
+            epsilon, StochasticPerturbationState(key=key, inner=inner.state),
+            norm=numerics.plain_norm(epsilon))
 
     return Ascent(init=init, perturbation=perturbation)
 

@@ -53,7 +53,9 @@ class SAMDiagnostics(NamedTuple):
       perturbation_norm: ‖ε‖₂ of the ε actually used: ρ for plain SAM with a
         usable gradient; 0 when g is zero, outside the safe norm range
         (~1e-33..1e31) or has an inf/NaN entry on the perturbed leaves, where
-        ε = 0.
+        ε = 0. Ascents with an elementwise scale (``asam``, ``fisher_sam``)
+        and ``sam(norm="linf")`` do not know ‖ε‖ for free: recorded with
+        ``full_diagnostics=True`` (else 0, as ``cosine``).
       cosine: cos∠(g, g_sam) between the clean and the perturbed gradient,
         recorded when the transformation is built with
         ``full_diagnostics=True`` (else 0).
@@ -139,7 +141,8 @@ class Perturbation(NamedTuple):
       state: the ascent's new state.
       norm: ‖ε‖₂ when the ascent knows it for free (plain SAM: ρ, or 0 when
         ε = 0), else ``None`` and the core measures it for the diagnostics
-        (measuring keeps ε alive through the second gradient).
+        with ``full_diagnostics=True`` only (measuring keeps ε alive through
+        the second gradient).
     """
 
     epsilon: PyTree
@@ -481,10 +484,12 @@ def paid_diagnostics(ascent_grads: PyTree, perturbation: Perturbation,
         # The ascent's own norm computation: XLA's CSE merges the two.
         grad_norm=numerics.global_norm(ascent_grads),
         # Reported by the ascent when it knows ‖ε‖ (plain SAM: ρ or 0); else
-        # measured (ε is well scaled, a plain norm suffices).
-        perturbation_norm=(numerics.plain_norm(perturbation.epsilon)
-                           if perturbation.norm is None
-                           else jnp.asarray(perturbation.norm, jnp.float32)),
+        # measured, on request only: a sum over ε keeps ε alive as a
+        # parameter-sized buffer (ASAM: +1 P, benchmarks/results/memory_*.md).
+        perturbation_norm=(jnp.asarray(perturbation.norm, jnp.float32)
+                           if perturbation.norm is not None
+                           else numerics.plain_norm(perturbation.epsilon)
+                           if full else _as_scalar(None)),
         cosine=(numerics.cosine_similarity(ascent_grads, perturbed_grads)
                 if full else _as_scalar(None)),
         loss=loss,
@@ -532,11 +537,12 @@ def sharpness_aware(
         synchronised ε (SAM on the global batch); a sub-axis: grouped ε.
       perturbation_axis_index_groups: optional ``axis_index_groups`` for that
         averaging (groups of replicas sharing one ε, under ``pmap``).
-      full_diagnostics: also record ``cosine`` = cos∠(g, g_sam) (else 0).
-        Off by default: it keeps ``g`` alive through the second gradient (a
-        parameter-sized buffer) and costs extra passes over both gradients
-        (``benchmarks/results/speed_*.md``). The other diagnostics are always
-        on.
+      full_diagnostics: also record ``cosine`` = cos∠(g, g_sam) (else 0),
+        and ‖ε‖ for an ascent that does not report it (else 0). Off by
+        default: each keeps a parameter-sized buffer alive through the
+        second gradient (``g``, ε) and costs extra passes
+        (``benchmarks/results/speed_*.md``, ``memory_*.md``). The other
+        diagnostics are always on.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes

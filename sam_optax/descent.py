@@ -199,7 +199,7 @@ def wsam_decoupled_gradient(gamma: float = 0.9,
     def combine(grads, perturbed_grads, state):
         lr = (learning_rate(state.count) if callable(learning_rate)
               else learning_rate)
-        step = -lr * weight
+        step = -jnp.asarray(lr) * weight
         # η·γ/(1−γ) in each leaf's compute dtype: float64 under x64.
         correction = _linear_combination(step, perturbed_grads, -step, grads)
         return DescentResult(grads, _next(state), correction)
@@ -212,7 +212,8 @@ def wsam_decoupled_gradient(gamma: float = 0.9,
 
 
 def _next(state: DecoupledSharpnessState) -> DecoupledSharpnessState:
-    return DecoupledSharpnessState(optax.safe_int32_increment(state.count))
+    return DecoupledSharpnessState(
+        jnp.asarray(optax.safe_int32_increment(state.count)))
 
 
 class LookSAMState(NamedTuple):

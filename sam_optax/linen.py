@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from sam_optax import parallel, validation
+from sam_optax import collectives, parallel, validation
 
 PyTree = Any
 AxisName = Optional[Any]  # a mapped axis name, a tuple of names, or None
@@ -42,6 +42,11 @@ DropoutKeyPolicy = Literal["same", "folded"]
 
 # Folded into the clean pass's keys for ``dropout_key="folded"``.
 _PERTURBED_PASS_SALT = 1
+
+# Flax's collection whose leaves take the gradient itself (a name that
+# flax.training.train_state does not list among its exports).
+_OVERWRITE_WITH_GRADIENT: str = (
+    train_state.OVERWRITE_WITH_GRADIENT)  # pyright: ignore[reportPrivateImportUsage]
 
 
 class TrainState(train_state.TrainState):
@@ -118,7 +123,7 @@ class TrainState(train_state.TrainState):
             update_args["value"] = value
         tx = optax.with_extra_args_support(self.tx)
         overwrite = (isinstance(grads, Mapping)
-                     and train_state.OVERWRITE_WITH_GRADIENT in grads)
+                     and _OVERWRITE_WITH_GRADIENT in grads)
         # As Flax's TrainState: with an overwrite-with-gradient collection,
         # only ``params['params']`` is optimized, hence perturbed too.
         grads_with_opt = grads["params"] if overwrite else grads
@@ -132,8 +137,8 @@ class TrainState(train_state.TrainState):
         if overwrite:
             new_params = {
                 "params": new_params,
-                train_state.OVERWRITE_WITH_GRADIENT:
-                    grads[train_state.OVERWRITE_WITH_GRADIENT],
+                _OVERWRITE_WITH_GRADIENT:
+                    grads[_OVERWRITE_WITH_GRADIENT],
             }
         return self.replace(step=self.step + 1, params=new_params,
                             opt_state=opt_state, **fields)
@@ -252,7 +257,8 @@ def train_step(
 
     Raises:
       ValueError: when traced under ``shard_map``, if the updated parameters
-        differ across ``axis_name`` (``tx`` built without it).
+        differ across ``axis_name`` (``tx`` built without it) or the
+        optimizer state does (a variant with per-replica state).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -348,7 +354,7 @@ def train_step(
                     "be returned. Use batch_stats='clean'.")
         if axis_name is not None:
             new_stats = _replica_mean_floats(new_stats, axis_name)
-            _check_replicated(state.params, axis_name)
+            _check_replicated(state, axis_name)
         return state.replace(batch_stats=new_stats), {"loss": loss, **metrics}
 
     return step
@@ -368,22 +374,31 @@ def _replica_mean_floats(tree: PyTree, axis_name: AxisName) -> PyTree:
     return jax.tree.map(mean, tree)
 
 
-def _check_replicated(params: PyTree, axis_name: AxisName) -> None:
-    """Under ``shard_map``, refuse parameters that differ across replicas."""
+def _check_replicated(state: TrainState, axis_name: AxisName) -> None:
+    """Under ``shard_map``, refuse parameters or optimizer state that differ
+    across replicas (JAX would only say that ``out_specs`` cannot hold)."""
     axes = set(parallel.tracked_axes(axis_name))
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        aval = jax.typeof(leaf)
-        kind = getattr(aval, "manual_axis_type", None)
-        varying = set(kind.varying if kind is not None
-                      else getattr(aval, "vma", ()))
-        if axes & varying:
-            raise ValueError(
-                f"the updated parameter {jax.tree_util.keystr(path)} differs "
-                f"across the replicas of {sorted(axes & varying)}: build the "
-                f"optimizer with `axis_name={axis_name!r}` (e.g. "
-                f"`sam_optax.sam(base, rho, axis_name={axis_name!r})`; a plain "
-                "optax optimizer needs the gradient averaged over the axis "
-                "first), so that every replica applies the same update.")
+    fixes = {
+        "parameter": (
+            f"build the optimizer with `axis_name={axis_name!r}` (e.g. "
+            f"`sam_optax.sam(base, rho, axis_name={axis_name!r})`; a plain "
+            "optax optimizer needs the gradient averaged over the axis "
+            "first), so that every replica applies the same update"),
+        "optimizer state": (
+            "this optimizer keeps per-replica state (e.g. a momentum of the "
+            "local gradient: friendly_sam, vasso); share ε over the axis "
+            "(`sync_perturbation=True`) or run the step under `jax.pmap`, "
+            "which keeps one state per device"),
+    }
+    for kind, tree in (("parameter", state.params),
+                       ("optimizer state", state.opt_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            varying = axes & collectives.varying_axes(leaf)
+            if varying:
+                raise ValueError(
+                    f"the updated {kind} {jax.tree_util.keystr(path)} differs "
+                    f"across the replicas of {sorted(varying)}: "
+                    f"{fixes[kind]}.")
 
 
 __all__ = ["BatchStatsPolicy", "DropoutKeyPolicy", "TrainState", "train_step"]

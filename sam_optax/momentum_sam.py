@@ -11,7 +11,7 @@ the perturbed one. This module moves the parameters off ε_t, applies
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ def momentum_sam(
     *,
     mask: Mask = None,
     axis_name: Optional[AxisName] = None,
+    full_diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """MSAM: perturb along the optimizer's last update; one gradient a step.
 
@@ -87,6 +88,13 @@ def momentum_sam(
       axis_name: average the gradient over this mapped axis before
         ``base_tx``; ε derives from the (identical) update, so replicas stay
         identical and there is no per-shard perturbation to choose.
+      full_diagnostics: also record ``grad_norm`` = ‖g_t‖₂ (else 0). Off by
+        default: it is one more pass over the gradient in a step that is
+        meant to cost one gradient. The other diagnostics are free and
+        always on: ``perturbation_norm`` is ‖ε_{t+1}‖₂, the norm of the
+        perturbation the returned parameters carry (ρ_t, or 0 where
+        :math:`u_t` was zero or not finite), known from the normalisation
+        without measuring ε; ``loss`` is ``value=`` when passed.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`;
@@ -103,6 +111,7 @@ def momentum_sam(
     validation.check_rho(rho)
     base_tx = validation.as_transformation(base_tx)
     validation.check_axis_name(axis_name, "axis_name")
+    validation.check_bool(full_diagnostics, "full_diagnostics")
     masks.check(mask, "mask")
 
     def init_fn(params: PyTree) -> SAMState:
@@ -141,26 +150,31 @@ def momentum_sam(
             grads, state.base_state, clean_params, **extra_args)
         # ρ folds into the normalising factor: one multiply per element.
         # A non-finite update gives ε = 0 (never a NaN in the state).
-        new_epsilon, _ = numerics.safe_normalize(
+        unit = numerics.normalize(
             base_updates, masks.resolve(mask, params, "mask"), scale=rho_t)
+        new_epsilon = unit.direction
         updates = jax.tree.map(
             lambda u, e_old, e_new: (u.astype(e_new.dtype) - e_old + e_new
                                      ).astype(u.dtype)
             if numerics.is_float(u) else u,
             base_updates, epsilon, new_epsilon)
         value = extra_args.get("value")
-        # Plain norms: diagnostics only, kept off MSAM's one-gradient budget.
+        zero = jnp.zeros([], jnp.float32)
+        # ‖ε_{t+1}‖ is ρ_t where the normalisation was usable: free. ‖g‖
+        # costs a pass over the gradient: only when asked for.
+        new_norm = jnp.where(unit.usable, rho_t, 0.0).astype(jnp.float32)
         diagnostics = zero_diagnostics()._replace(
-            grad_norm=numerics.plain_norm(grads),
-            perturbation_norm=numerics.plain_norm(epsilon),
-            loss=(jnp.zeros([], jnp.float32) if value is None
-                  else jnp.asarray(value, jnp.float32)))
+            grad_norm=(numerics.global_norm(grads).astype(jnp.float32)
+                       if full_diagnostics else zero),
+            loss=zero if value is None else jnp.asarray(value, jnp.float32))
         # `msam(optax.apply_if_finite(base))` skipped a non-finite step: no
-        # move at all (not even back to w), ε and the count kept.
-        updates, new_epsilon, new_count = keep_if_base_rejected(
+        # move at all (not even back to w), ε, its norm and the count kept.
+        updates, new_epsilon, new_norm, new_count = keep_if_base_rejected(
             base_state,
-            (updates, new_epsilon, optax.safe_int32_increment(count)),
-            (jax.tree.map(jnp.zeros_like, updates), epsilon, count))
+            (updates, new_epsilon, new_norm, optax.safe_int32_increment(count)),
+            (jax.tree.map(jnp.zeros_like, updates), epsilon,
+             state.diagnostics.perturbation_norm, count))
+        diagnostics = diagnostics._replace(perturbation_norm=new_norm)
         new_state = SAMState.create(
             count=new_count,
             rho=rho_t,
@@ -172,7 +186,10 @@ def momentum_sam(
         )
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # `update` takes `grad_fn=` by keyword (for the common contract), which
+    # optax's protocol type for update functions cannot express.
+    return optax.GradientTransformationExtraArgs(
+        init_fn, cast(optax.TransformUpdateExtraArgsFn, update_fn))
 
 
 _MULTISTEPS_INSIDE = (

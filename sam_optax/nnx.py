@@ -115,7 +115,12 @@ def value_and_grad(
     replica keeps the same model.
 
     Args:
-      model, loss_fn, *args, wrt, has_aux, dropout_key: as :func:`grad_fn`.
+      model: as :func:`grad_fn`.
+      loss_fn: as :func:`grad_fn`.
+      *args: as :func:`grad_fn`.
+      wrt: as :func:`grad_fn`.
+      has_aux: as :func:`grad_fn`.
+      dropout_key: as :func:`grad_fn`.
       axis_name: the mapped axis (or axes) of the surrounding ``shard_map``,
         ``pmap`` or ``vmap``; ``None`` (default) on one device.
 

@@ -106,9 +106,8 @@ def sum_of_squares(tree: PyTree, mask: Mask = None) -> jax.Array:
 # more than 2⁶³: when the gradient is a compile-time constant (a loss that
 # ignores a parameter), XLA folds (x·c)² into x²·c² despite the barrier in
 # _two_sums_of_squares, and c² must then be a normal float32 (2⁸⁰ gave
-# 0·inf = NaN). Two sums, not
-# three with a plain one: each sum costs ~1.5 % of a SAM step of the benchmark
-# MLP on CPU.
+# 0·inf = NaN). Two sums, not three with a plain one: each sum is a pass
+# over the parameters (benchmarks/results/overhead_*.md).
 _UP = 2.0 ** 60
 _DOWN = 2.0 ** -40
 
@@ -119,9 +118,8 @@ def _two_sums_of_squares(tree: PyTree, mask: Mask,
     """(Σ(x·up)², Σ(x·down)²) in one pass over each leaf.
 
     Sibling reductions, which XLA fuses into one loop over the data. Not one
-    variadic ``lax.reduce``: XLA's CPU backend does not vectorise those, and
-    it made the norm 4× slower (1.1 ms instead of 0.3 ms on the benchmark
-    MLP's 0.67 M parameters).
+    variadic ``lax.reduce``: XLA's CPU backend does not vectorise those
+    (measured in ``benchmarks/bench_overhead.py``).
     """
     up_total = down_total = jnp.zeros([], up.dtype)
     for x in _selected(tree, mask):
@@ -183,6 +181,19 @@ def _norm_factors(tree: PyTree, mask: Mask) -> NormFactors:
     usable = (scaled_norm > 0) & jnp.isfinite(scaled_norm)
     post = jnp.where(usable, 1.0 / jnp.where(usable, scaled_norm, 1.0), 0.0)
     return NormFactors(scaled_norm / pre, pre, post.astype(dtype), usable)
+
+
+def norm_factors(tree: PyTree, mask: Mask = None) -> NormFactors:
+    """The :class:`NormFactors` of ``tree``'s selected leaves.
+
+    ``tree · pre`` is exact and keeps the direction, with a norm between
+    ~1e-15 and ~2e19 for any norm in the safe range: an ascent that scales
+    ``tree`` elementwise before normalising (ASAM's ``T ⊙ g``) scales
+    ``tree · pre`` instead, which cannot under- or overflow. The factors
+    come from the same two sums as :func:`global_norm`, which XLA computes
+    once for both.
+    """
+    return _norm_factors(tree, mask)
 
 
 def plain_norm(tree: PyTree) -> jax.Array:
@@ -269,11 +280,17 @@ def safe_normalize(tree: PyTree, mask: Mask = None,
 
 
 def all_finite(tree: PyTree, mask: Mask = None) -> jax.Array:
-    """Scalar bool: every selected float entry is finite (True if none)."""
-    ok = jnp.ones([], jnp.bool_)
+    """Scalar bool: every selected float entry is finite (True if none).
+
+    Computed as ``isfinite(Σ (x - x))``: ``x - x`` is 0 for a finite entry
+    and NaN for an ``inf`` or ``NaN`` one, and the sum is an ordinary float
+    reduction. ``all(isfinite(x))`` made XLA:CPU write out the boolean mask
+    of each leaf (a quarter of a parameter-sized buffer) before reducing it.
+    """
+    total = jnp.zeros([], jnp.float32)
     for x in _selected(tree, mask):
-        ok = ok & jnp.all(jnp.isfinite(x))
-    return ok
+        total = total + jnp.sum(x - x).astype(jnp.float32)
+    return jnp.isfinite(total)
 
 
 def select_leaves(tree: PyTree, mask: Mask = None) -> PyTree:

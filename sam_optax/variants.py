@@ -340,7 +340,9 @@ def asam(
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
       >>> loss_fn = lambda w: jnp.sum((w - jnp.array([1.0, -2.0])) ** 2)
-      >>> tx = sam_optax.asam(optax.sgd(0.1), rho=0.5, eta=0.01)
+      >>> # full_diagnostics: ASAM's ‖ε‖ is measured on request only.
+      >>> tx = sam_optax.asam(optax.sgd(0.1), rho=0.5, eta=0.01,
+      ...                     full_diagnostics=True)
       >>> params = jnp.zeros(2)
       >>> state = tx.init(params)
       >>> grads = jax.grad(loss_fn)(params)
@@ -1128,7 +1130,9 @@ def msam(
       sync_perturbation: as for :func:`sam`.
       perturbation_axis_name: as for :func:`sam`.
       perturbation_axis_index_groups: as for :func:`sam`.
-      full_diagnostics: as for :func:`sam`.
+      full_diagnostics: also record ‖g‖ (see
+        ``sam_optax.momentum_sam.momentum_sam``); ‖ε_{t+1}‖ is always
+        recorded, at no cost.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
