@@ -34,9 +34,8 @@ import optax
 from flax.training import train_state
 
 from sam_optax import collectives, parallel, validation
+from sam_optax.types import AxisName, PyTree
 
-PyTree = Any
-AxisName = Optional[Any]  # a mapped axis name, a tuple of names, or None
 BatchStatsPolicy = Literal["clean", "perturbed"]
 DropoutKeyPolicy = Literal["same", "folded"]
 
@@ -199,7 +198,7 @@ def train_step(
     batch_stats: BatchStatsPolicy = "clean",
     dropout_key: DropoutKeyPolicy = "same",
     rng_streams: Sequence[str] = ("dropout",),
-    axis_name: AxisName = None,
+    axis_name: Optional[AxisName] = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
     """Build ``step(state, batch, key) -> (state, metrics)`` for a Linen model.
 
@@ -360,7 +359,7 @@ def train_step(
     return step
 
 
-def _replica_mean_floats(tree: PyTree, axis_name: AxisName) -> PyTree:
+def _replica_mean_floats(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
     """Mean over ``axis_name`` of the inexact leaves (counters stay as they are).
 
     A leaf that is already replicated (invariant under ``shard_map``) is cast
@@ -374,7 +373,7 @@ def _replica_mean_floats(tree: PyTree, axis_name: AxisName) -> PyTree:
     return jax.tree.map(mean, tree)
 
 
-def _check_replicated(state: TrainState, axis_name: AxisName) -> None:
+def _check_replicated(state: TrainState, axis_name: Optional[AxisName]) -> None:
     """Under ``shard_map``, refuse parameters or optimizer state that differ
     across replicas (JAX would only say that ``out_specs`` cannot hold)."""
     axes = set(parallel.tracked_axes(axis_name))

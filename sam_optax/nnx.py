@@ -21,15 +21,14 @@ model's ``BatchStat`` variables over the axis.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import jax
 from flax import nnx
 
 from sam_optax import parallel, validation
+from sam_optax.types import AxisName, PyTree
 
-PyTree = Any
-AxisName = Any  # a mapped axis name, a tuple of names, or None
 DropoutKeyPolicy = Literal["same", "folded"]
 
 # Folded into every RNG key of the snapshot for ``dropout_key="folded"``.
@@ -94,7 +93,7 @@ def value_and_grad(
     wrt: Any = nnx.Param,
     has_aux: bool = False,
     dropout_key: DropoutKeyPolicy = "same",
-    axis_name: AxisName = None,
+    axis_name: Optional[AxisName] = None,
 ) -> tuple[Any, PyTree, Callable[[PyTree], tuple[jax.Array, PyTree]]]:
     """The clean pass, its gradient, and the perturbed pass's ``grad_fn``.
 
@@ -170,7 +169,7 @@ def value_and_grad(
     return value, grads, perturbed
 
 
-def _replica_mean(x: jax.Array, axis_name: AxisName) -> jax.Array:
+def _replica_mean(x: jax.Array, axis_name: Optional[AxisName]) -> jax.Array:
     """``pmean`` of a floating-point array (cast to varying first, as
     ``shard_map`` asks for a replicated one); other dtypes unchanged."""
     if not jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact):
