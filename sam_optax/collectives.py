@@ -128,11 +128,24 @@ def replica_mean(tree: PyTree, axis_name: Optional[AxisName],
             "batch into groups with a second vmap.") from err
 
 
+
+def replica_mean_floats(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
+    """:func:`replica_mean` of the floating-point leaves (losses, metrics,
+    BatchNorm statistics); other leaves (counters) are left as they are."""
+    leaves, treedef = jax.tree.flatten(tree)
+    floats = [i for i, x in enumerate(leaves)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    means = replica_mean([leaves[i] for i in floats], axis_name)
+    for i, mean in zip(floats, means, strict=True):
+        leaves[i] = mean
+    return treedef.unflatten(leaves)
+
 __all__ = [
     "axis_names",
     "check_local_gradients",
     "local_grad_fn",
     "replica_mean",
+    "replica_mean_floats",
     "to_varying",
     "tracked_axes",
     "varying_axes",

@@ -26,7 +26,6 @@ first; the perturbed gradient is averaged over ``axis_name`` before
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, Union, cast
 
@@ -356,23 +355,6 @@ def check_value(value: Any) -> None:
             f"`value` must be the scalar loss L(w); got shape {jnp.shape(value)}.")
 
 
-def _inside_multisteps() -> bool:
-    """Whether ``optax.MultiSteps.update`` is among our callers.
-
-    Read from the Python stack at trace time (no cost in the compiled step):
-    the only way to see the wrapping, since MultiSteps hands its inner
-    optimizer ordinary arguments.
-    """
-    frame = sys._getframe(2)
-    while frame is not None:
-        code = frame.f_code
-        if (code.co_qualname.startswith("MultiSteps.")
-                and frame.f_globals.get("__name__", "").startswith("optax")):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def keep_if_base_rejected(base_state: Any, new: PyTree, old: PyTree) -> PyTree:
     """``old`` where the step was rejected by a guard inside ``base_tx``
     (:func:`_base_rejected`), else ``new``; ``new`` itself, at no cost, when
@@ -460,7 +442,9 @@ def check_update_call(grads: PyTree, params: PyTree,
     returns ``grad_fn``, known to be there."""
     if grad_fn is None:
         raise TypeError(_MISSING_GRAD_FN)
-    if _inside_multisteps():
+    # MultiSteps hands its inner optimizer ordinary arguments: only the
+    # Python stack shows the wrapping.
+    if validation.optax_caller("MultiSteps.") is not None:
         raise TypeError(_MULTISTEPS_OUTSIDE)
     check_single_argument(grad_fn)
     if params is None:
@@ -600,10 +584,12 @@ def sharpness_aware(
         #    descent's: averaged over replicas, so that all decide and step
         #    alike -- computed only when someone reads it (an all-reduce).
         ascent_grads = for_ascent(grads)
-        mean_grads = None
-        if schedule.uses_grads:
-            mean_grads = ascent_grads if same_average else replica_mean(
-                grads, axis_name)
+
+        def replica_averaged() -> PyTree:
+            return ascent_grads if same_average else replica_mean(grads,
+                                                                  axis_name)
+
+        mean_grads = replica_averaged() if schedule.uses_grads else None
 
         # 2. Whether this step pays for the second gradient.
         perturb, schedule_state = schedule.decide(
@@ -611,8 +597,18 @@ def sharpness_aware(
             state.schedule_state, count=count)
         if mean_grads is None and (perturb is not True
                                    or descent.uses_clean_grads):
-            mean_grads = ascent_grads if same_average else replica_mean(
-                grads, axis_name)
+            mean_grads = replica_averaged()  # outside lax.cond, read inside
+
+        def branch_output(result: DescentResult, ascent_state: Any,
+                          diagnostics: SAMDiagnostics) -> tuple:
+            # Both branches of the schedule's cond return the same types:
+            # the caller's gradient dtypes, and a correction (zeros if none)
+            # when the descent makes one.
+            correction = result.correction
+            if descent.corrects_updates and correction is None:
+                correction = numerics.zeros_like_compute(grads)
+            return (_like_grads(result.grads, grads), correction, ascent_state,
+                    result.state, diagnostics)
 
         def paid(substates):
             ascent_state, descent_state = substates
@@ -635,8 +631,7 @@ def sharpness_aware(
                 mean_grads if descent.uses_clean_grads
                 else _CleanGradientsNotRequested(),
                 perturbed_grads, descent_state)
-            return _branch_output(result, grads, perturbation.state,
-                                  diagnostics)
+            return branch_output(result, perturbation.state, diagnostics)
 
         def skipped(substates):
             ascent_state, descent_state = substates
@@ -646,14 +641,7 @@ def sharpness_aware(
             diagnostics = zero_diagnostics()._replace(
                 grad_norm=numerics.global_norm(mean_grads),
                 loss=_as_scalar(value))
-            return _branch_output(result, grads, ascent_state, diagnostics)
-
-        def _branch_output(result, grads, ascent_state, diagnostics):
-            correction = result.correction
-            if descent.corrects_updates and correction is None:
-                correction = numerics.zeros_like_compute(grads)
-            return (_like_grads(result.grads, grads), correction, ascent_state,
-                    result.state, diagnostics)
+            return branch_output(result, ascent_state, diagnostics)
 
         substates = (state.ascent_state, state.descent_state)
         if perturb is True:
@@ -667,6 +655,10 @@ def sharpness_aware(
         updates, base_state = base_tx.update(
             descent_grads, state.base_state, params, **extra_args)
         if correction is not None:
+            # A step that a guard inside base_tx rejected moves nothing.
+            correction = keep_if_base_rejected(
+                base_state, correction,
+                jax.tree.map(jnp.zeros_like, correction))
             updates = _add_correction(updates, correction)
 
         # 7. The new state. `sam(optax.apply_if_finite(base))` skipped a
@@ -679,9 +671,6 @@ def sharpness_aware(
                  descent_state, schedule_state),
                 (count, state.ascent_state, state.descent_state,
                  state.schedule_state)))
-        if correction is not None:
-            updates = keep_if_base_rejected(
-                base_state, updates, jax.tree.map(jnp.zeros_like, updates))
         return updates, SAMState.create(
             count=new_count,
             rho=rho_t.astype(jnp.float32),

@@ -326,7 +326,7 @@ def train_step(
         (loss, (metrics, clean_stats)), grads = value_and_grad(
             parallel.to_varying(state.params, axis_name), clean_rngs)
         if axis_name is not None:
-            loss, metrics = _replica_mean_floats((loss, metrics), axis_name)
+            loss, metrics = collectives.replica_mean_floats((loss, metrics), axis_name)
         perturbed_stats: list = []
 
         def grad_fn(params):
@@ -352,25 +352,11 @@ def train_step(
                     "`lax.cond`, where the perturbed pass's statistics cannot "
                     "be returned. Use batch_stats='clean'.")
         if axis_name is not None:
-            new_stats = _replica_mean_floats(new_stats, axis_name)
+            new_stats = collectives.replica_mean_floats(new_stats, axis_name)
             _check_replicated(state, axis_name)
         return state.replace(batch_stats=new_stats), {"loss": loss, **metrics}
 
     return step
-
-
-def _replica_mean_floats(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
-    """Mean over ``axis_name`` of the inexact leaves (counters stay as they are).
-
-    A leaf that is already replicated (invariant under ``shard_map``) is cast
-    to varying first, as ``pmean`` requires.
-    """
-    def mean(x):
-        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            return x
-        return jax.lax.pmean(parallel.to_varying(x, axis_name), axis_name)
-
-    return jax.tree.map(mean, tree)
 
 
 def _check_replicated(state: TrainState, axis_name: Optional[AxisName]) -> None:

@@ -27,6 +27,7 @@ import jax
 from flax import nnx
 
 from sam_optax import parallel, validation
+from sam_optax.collectives import replica_mean_floats
 from sam_optax.types import AxisName, PyTree
 
 DropoutKeyPolicy = Literal["same", "folded"]
@@ -161,20 +162,12 @@ def value_and_grad(
     if varying is not replicated:  # the optimizer updates the replicated w
         nnx.update(model, replicated)
     stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
-    nnx.update(model, jax.tree.map(lambda x: _replica_mean(x, axis_name), stats))
+    nnx.update(model, replica_mean_floats(stats, axis_name))
     if has_aux:
-        value = (_replica_mean(value[0], axis_name), value[1])
+        value = (replica_mean_floats(value[0], axis_name), value[1])
     else:
-        value = _replica_mean(value, axis_name)
+        value = replica_mean_floats(value, axis_name)
     return value, grads, perturbed
-
-
-def _replica_mean(x: jax.Array, axis_name: Optional[AxisName]) -> jax.Array:
-    """``pmean`` of a floating-point array (cast to varying first, as
-    ``shard_map`` asks for a replicated one); other dtypes unchanged."""
-    if not jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact):
-        return x
-    return jax.lax.pmean(parallel.to_varying(x, axis_name), axis_name)
 
 
 __all__ = ["DropoutKeyPolicy", "grad_fn", "value_and_grad"]

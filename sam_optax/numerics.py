@@ -158,7 +158,7 @@ class NormFactors(NamedTuple):
     usable: jax.Array
 
 
-def _norm_factors(tree: PyTree, mask: Mask) -> NormFactors:
+def norm_factors(tree: PyTree, mask: Mask = None) -> NormFactors:
     """The :class:`NormFactors` of ``tree``, branch-free.
 
     The two rescaled sums of squares come from one fused pass over the data
@@ -168,6 +168,13 @@ def _norm_factors(tree: PyTree, mask: Mask) -> NormFactors:
     direction, never a NaN; past ~1e31 the norm is ``inf`` and the direction
     again zero. An ``inf`` or ``NaN`` entry makes both sums non-finite, so
     ``usable`` is False: the same scalar predicate, no extra pass.
+
+    ``tree · pre`` is exact and keeps the direction, with a norm between
+    ~1e-15 and ~2e19 for any norm in the safe range: an ascent that scales
+    ``tree`` elementwise before normalising (ASAM's ``T ⊙ g``) scales
+    ``tree · pre`` instead, which cannot under- or overflow. The factors
+    come from the same two sums as :func:`global_norm`, which XLA computes
+    once for both.
     """
     dtype = jnp.float32
     for x in _selected(tree, mask):
@@ -183,17 +190,6 @@ def _norm_factors(tree: PyTree, mask: Mask) -> NormFactors:
     return NormFactors(scaled_norm / pre, pre, post.astype(dtype), usable)
 
 
-def norm_factors(tree: PyTree, mask: Mask = None) -> NormFactors:
-    """The :class:`NormFactors` of ``tree``'s selected leaves.
-
-    ``tree · pre`` is exact and keeps the direction, with a norm between
-    ~1e-15 and ~2e19 for any norm in the safe range: an ascent that scales
-    ``tree`` elementwise before normalising (ASAM's ``T ⊙ g``) scales
-    ``tree · pre`` instead, which cannot under- or overflow. The factors
-    come from the same two sums as :func:`global_norm`, which XLA computes
-    once for both.
-    """
-    return _norm_factors(tree, mask)
 
 
 def plain_norm(tree: PyTree) -> jax.Array:
@@ -208,7 +204,7 @@ def global_norm(tree: PyTree, mask: Mask = None) -> jax.Array:
     ``inf`` for norms above ~1e31 or an ``inf`` entry, ``NaN`` for a ``NaN``
     entry (what the diagnostics report as ``grad_norm``).
     """
-    return _norm_factors(tree, mask).norm
+    return norm_factors(tree, mask).norm
 
 
 class Normalized(NamedTuple):
@@ -248,7 +244,7 @@ def normalize(tree: PyTree, mask: Mask = None,
     (e.g. ρ) is folded into the scalar factors, so it costs nothing per
     element.
     """
-    factors = _norm_factors(tree, mask)
+    factors = norm_factors(tree, mask)
     pre, post, usable = factors.pre, factors.post, factors.usable
     # Two multiplications, not one by pre·post: for norms above ~8e37 the
     # product 1/‖tree‖ is a float32 subnormal, which XLA flushes to zero.
@@ -317,8 +313,8 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 
 def cosine_similarity(a: PyTree, b: PyTree) -> jax.Array:
     """cos∠(a, b) over the whole tree; 0 when either side is zero."""
-    _, pre_a, post_a, _ = _norm_factors(a, None)
-    _, pre_b, post_b, _ = _norm_factors(b, None)
+    _, pre_a, post_a, _ = norm_factors(a, None)
+    _, pre_b, post_b, _ = norm_factors(b, None)
     # Rescale before the dot product so it cannot under- or overflow.
     dot = tree_vdot(scale_tree(a, pre_a), scale_tree(b, pre_b))
     return jnp.clip(dot * post_a * post_b, -1.0, 1.0)

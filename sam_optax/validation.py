@@ -7,9 +7,11 @@ traced (e.g. ρ under ``optax.inject_hyperparams``) are checked only for type.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from numbers import Real
-from typing import Any
+from types import FrameType
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +199,25 @@ def check_no_masked_nodes(params: Any) -> None:
             "`sam_optax.sam(optax.masked(base, mask))` or "
             "`sam_optax.sam(optax.multi_transform(...))`, and use "
             "`sam_optax.sam(base, mask=...)` to perturb only some leaves.")
+
+
+def optax_caller(qualname_prefix: str, depth: Optional[int] = None
+                 ) -> Optional[FrameType]:
+    """The nearest frame of an Optax function named ``qualname_prefix...``
+    among the callers of the function that calls this one (looking at most
+    ``depth`` frames up), else ``None``.
+
+    For wrappers that hand a SAM transformation ordinary arguments, so that
+    only the Python stack shows them (``optax.MultiSteps``,
+    ``optax.inject_hyperparams``). Read at trace time: no cost in the
+    compiled step.
+    """
+    frame = sys._getframe(2)
+    seen = 0
+    while frame is not None and (depth is None or seen < depth):
+        if (frame.f_code.co_qualname.startswith(qualname_prefix)
+                and frame.f_globals.get("__name__", "").startswith("optax")):
+            return frame
+        frame = frame.f_back
+        seen += 1
+    return None

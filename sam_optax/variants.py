@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, ParamSpec, TypeVar
 
@@ -60,27 +59,20 @@ def _check_call(kwargs: dict[str, Any]) -> None:
             raise TypeError(
                 f"`{name}` is an argument of `optax.contrib.sam`, not of "
                 f"sam_optax: {why}. See {validation.MIGRATION_DOC}.")
-    frame = sys._getframe(2)
-    for _ in range(4):  # the inject_hyperparams closure is a direct caller
-        if frame is None:
-            break
-        if (frame.f_code.co_qualname.startswith("inject_hyperparams.")
-                and frame.f_globals.get("__name__", "").startswith("optax")):
-            scheduled = frame.f_locals.get("sched_hps", {})
-            for name in _CALLABLE_ARGUMENTS:
-                if name in scheduled:
-                    raise TypeError(
-                        f"`{name}` is a callable, which "
-                        "`optax.inject_hyperparams` takes for a schedule of "
-                        "the step count (the mask would select nothing): mark "
-                        "it static, `optax.inject_hyperparams(constructor, "
-                        f"static_args=('{name}',))(...)`.")
-            break
-        frame = frame.f_back
+    # The inject_hyperparams closure calls the constructor's wrapper directly.
+    inject = validation.optax_caller("inject_hyperparams.", depth=5)
+    scheduled = {} if inject is None else inject.f_locals.get("sched_hps", {})
+    for name in _CALLABLE_ARGUMENTS:
+        if name in scheduled:
+            raise TypeError(
+                f"`{name}` is a callable, which `optax.inject_hyperparams` "
+                "takes for a schedule of the step count (the mask would "
+                "select nothing): mark it static, "
+                "`optax.inject_hyperparams(constructor, "
+                f"static_args=('{name}',))(...)`.")
 
 
-def _checks_call(constructor: Callable[P, R]
-                                      ) -> Callable[P, R]:
+def _checks_call(constructor: Callable[P, R]) -> Callable[P, R]:
     """Wrap ``constructor`` with :func:`_check_call`: ``optax.contrib.sam``'s
     argument names get a message instead of Python's "unexpected keyword
     argument"; the signature is unchanged."""
