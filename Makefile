@@ -26,9 +26,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check sam_optax tests benchmarks examples
 	$(BIN)/pyright
 
-# Speed, memory and compile cost of every SAM row, interleaved in one run:
-# benchmarks/results/speed_<device>.{md,json,png}. < 15 min on 2 CPU cores.
-# On a GPU: make bench BENCH_ARGS="--steps 100 --variant-workloads all".
+# Time x base and x hand-written for every method on the MLP and both CNN
+# sizes (both paths for the schedule family), with the memory table:
+# benchmarks/results/speed_<device>.{md,json,png}. ~20 min on 2 CPU cores.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_speed.py $(BENCH_ARGS)

@@ -12,14 +12,16 @@ For each public constructor of ``sam_optax`` the step
 expressed in **P**, one parameter-sized float32 buffer. The same is done for
 a hand-written step of the *same method* (plain ``jax.numpy``, the same base
 optimizer, and only the state the method needs: LookSAM's stored direction,
-Friendly-SAM's EMA, MSAM's ε, ...). The difference is what the library costs
-in memory over writing the method by hand; the target is +0.1 P at most.
+Friendly-SAM's EMA, MSAM's ε, ...; ``common.methods``, shared with
+``bench_speed.py``, which times the same pairs). The difference is what the
+library costs in memory over writing the method by hand; the target is
++0.1 P at most.
 
 These figures come from the compiler, not from a clock: they are exact and
 the same on every run of the same JAX version. Compiling needs no
 accelerator and no memory for the model.
 
-Run: ``python benchmarks/bench_memory.py`` (a 50 M-parameter MLP: 34
+Run: ``python benchmarks/bench_memory.py`` (a 50 M-parameter MLP: 46
 compilations, 1-2 min on a CPU); writes
 ``benchmarks/results/memory_<device>.{md,json}``.
 ``tests/test_memory.py`` asserts the same bound on a 3 M-parameter MLP.
@@ -37,8 +39,6 @@ import common
 import jax
 import jax.numpy as jnp
 import optax
-
-import sam_optax
 
 PyTree = Any
 Step = Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
@@ -90,309 +90,11 @@ def parameter_bytes(params: PyTree) -> int:
 
 
 # --------------------------------------------------------------------------
-# Hand-written steps: the minimal JAX program of each method.
-#
-# Each returns ``(init, step)``: ``init(params) -> state`` and
-# ``step(params, state, batch) -> (params, state)``. Norms are plain global L2
-# norms (no range guard, no diagnostics): the floor the library is held to.
+# The steps: ``step(params, opt_state, batch) -> (params, opt_state)``.
 
 
 def _grad(params, batch):
     return jax.grad(loss)(params, batch)
-
-
-def _norm(tree):
-    return optax.tree.norm(tree)
-
-
-def _scale(tree, factor):
-    return jax.tree.map(lambda x: factor * x, tree)
-
-
-def _add(a, b):
-    return jax.tree.map(jnp.add, a, b)
-
-
-def _vdot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
-                                              jax.tree.leaves(b)))
-
-
-def _unit(tree, radius):
-    """``radius · tree / ‖tree‖``."""
-    return _scale(tree, radius / _norm(tree))
-
-
-def _apply(params, base_state, grads):
-    updates, base_state = BASE.update(grads, base_state, params)
-    return optax.apply_updates(params, updates), base_state
-
-
-def _keys(key, tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten(list(jax.random.split(key, len(leaves))))
-
-
-def _centralize(tree):
-    return jax.tree.map(
-        lambda g: g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True)
-        if g.ndim >= 2 else g, tree)
-
-
-def _ascent_step(epsilon_fn, *, extra_init=None):
-    """SAM with ``ε = epsilon_fn(g, params, extra) -> (ε, extra)``; ``extra``
-    is the ascent's own state (``None`` when it needs none)."""
-    def init(params):
-        extra = None if extra_init is None else extra_init(params)
-        return BASE.init(params), extra
-
-    def step(params, state, batch):
-        base_state, extra = state
-        grads = _grad(params, batch)
-        epsilon, extra = epsilon_fn(grads, params, extra)
-        sam_grads = _grad(_add(params, epsilon), batch)
-        params, base_state = _apply(params, base_state, sam_grads)
-        return params, (base_state, extra)
-
-    return init, step
-
-
-def hand_sam(rho=0.05):
-    return _ascent_step(lambda g, w, extra: (_unit(g, rho), extra))
-
-
-def hand_sam_linf(rho=0.05):
-    return _ascent_step(
-        lambda g, w, extra: (_scale(jax.tree.map(jnp.sign, g), rho), extra))
-
-
-def hand_asam(rho=0.5, eta=0.01):
-    def epsilon(g, w, extra):
-        t = jax.tree.map(lambda x: jnp.abs(x) + eta, w)
-        tg = jax.tree.map(jnp.multiply, t, g)
-        return jax.tree.map(jnp.multiply, t, _unit(tg, rho)), extra
-    return _ascent_step(epsilon)
-
-
-def hand_fisher_sam(rho=0.1, eta=1.0):
-    def epsilon(g, w, extra):
-        s = jax.tree.map(lambda x: jax.lax.rsqrt(1.0 + eta * x * x), g)
-        sg = jax.tree.map(jnp.multiply, s, g)
-        return jax.tree.map(jnp.multiply, s, _unit(sg, rho)), extra
-    return _ascent_step(epsilon)
-
-
-def _count_and_ema(params):
-    """State ``(count, ema)``: the count says whether this is the first step,
-    whose EMA is seeded with g."""
-    return jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params)
-
-
-def hand_friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9):
-    def epsilon(g, w, extra):
-        count, m = extra
-        first = count == 0
-        v = jax.tree.map(lambda x, y: jnp.where(first, x, x - sigma * y), g, m)
-        m = jax.tree.map(
-            lambda x, y: jnp.where(first, x, lmbda * y + (1 - lmbda) * x), g, m)
-        return _unit(v, rho), (count + 1, m)
-    return _ascent_step(epsilon, extra_init=_count_and_ema)
-
-
-def hand_vasso(rho=0.05, theta=0.4):
-    def epsilon(g, w, extra):
-        count, d = extra
-        d = jax.tree.map(
-            lambda x, y: jnp.where(count == 0, x, (1 - theta) * y + theta * x),
-            g, d)
-        return _unit(d, rho), (count + 1, d)
-    return _ascent_step(epsilon, extra_init=_count_and_ema)
-
-
-def hand_random_sam(rho=0.05, seed=0):
-    def epsilon(g, w, key):
-        key, draw = jax.random.split(key)
-        z = jax.tree.map(lambda k, x: jax.random.normal(k, x.shape, x.dtype),
-                         _keys(draw, g), g)
-        return _unit(z, rho), key
-    return _ascent_step(epsilon,
-                        extra_init=lambda params: jax.random.PRNGKey(seed))
-
-
-def hand_esam(rho=0.05, beta=0.6, seed=0):
-    def epsilon(g, w, key):
-        key, draw = jax.random.split(key)
-        unit = _unit(g, rho / beta)
-        keep = jax.tree.map(lambda k, x: jax.random.bernoulli(k, beta, x.shape),
-                            _keys(draw, g), g)
-        return jax.tree.map(lambda e, m: jnp.where(m, e, 0.0), unit, keep), key
-    return _ascent_step(epsilon,
-                        extra_init=lambda params: jax.random.PRNGKey(seed))
-
-
-def hand_gcsam(rho=0.05):
-    def init(params):
-        return BASE.init(params)
-
-    def step(params, base_state, batch):
-        grads = _grad(params, batch)
-        epsilon = _unit(_centralize(grads), rho)
-        sam_grads = _centralize(_grad(_add(params, epsilon), batch))
-        return _apply(params, base_state, sam_grads)
-
-    return init, step
-
-
-def hand_multistep_sam(rho=0.05, steps=2):
-    alpha = 1.0 / steps
-
-    def init(params):
-        return BASE.init(params)
-
-    def step(params, base_state, batch):
-        epsilon = _unit(_grad(params, batch), rho)
-        for _ in range(steps - 1):
-            epsilon = _add(epsilon, _unit(_grad(_add(params, epsilon), batch),
-                                          alpha * rho))
-            epsilon = _scale(epsilon, jnp.minimum(1.0, rho / _norm(epsilon)))
-        sam_grads = _grad(_add(params, epsilon), batch)
-        return _apply(params, base_state, sam_grads)
-
-    return init, step
-
-
-def _sam_grads(params, grads, batch, rho=0.05):
-    return _grad(_add(params, _unit(grads, rho)), batch)
-
-
-def _descent_step(descent_fn):
-    """SAM's ascent; ``base_tx`` receives ``descent_fn(g, g_sam)``."""
-    def init(params):
-        return BASE.init(params)
-
-    def step(params, base_state, batch):
-        grads = _grad(params, batch)
-        sam_grads = _sam_grads(params, grads, batch)
-        return _apply(params, base_state, descent_fn(grads, sam_grads))
-
-    return init, step
-
-
-def hand_gsam(alpha=0.1):
-    def descent(g, g_sam):
-        unit = _unit(g_sam, 1.0)
-        along = _vdot(g, unit)
-        return jax.tree.map(
-            lambda s, x, u: s - alpha * (x - along * u), g_sam, g, unit)
-    return _descent_step(descent)
-
-
-def hand_wsam(gamma=0.9):
-    weight = gamma / (1 - gamma)
-    return _descent_step(lambda g, g_sam: jax.tree.map(
-        lambda x, s: (1 - weight) * x + weight * s, g, g_sam))
-
-
-def hand_wsam_decoupled(rho=0.05, gamma=0.9, learning_rate=LEARNING_RATE):
-    weight = gamma / (1 - gamma)
-
-    def init(params):
-        return BASE.init(params)
-
-    def step(params, base_state, batch):
-        grads = _grad(params, batch)
-        sam_grads = _sam_grads(params, grads, batch, rho)
-        updates, base_state = BASE.update(grads, base_state, params)
-        updates = jax.tree.map(
-            lambda u, s, g: u - learning_rate * weight * (s - g),
-            updates, sam_grads, grads)
-        return optax.apply_updates(params, updates), base_state
-
-    return init, step
-
-
-def _every_k(k, paid, skipped, extra_init):
-    """A SAM step at steps 0, k, 2k, ... (``lax.cond``, like the library):
-    ``paid``/``skipped(params, grads, extra, batch) -> (grads_for_base,
-    extra)``."""
-    def init(params):
-        return BASE.init(params), jnp.zeros([], jnp.int32), extra_init(params)
-
-    def step(params, state, batch):
-        base_state, count, extra = state
-        grads = _grad(params, batch)
-        descent, extra = jax.lax.cond(
-            count % k == 0, lambda e: paid(params, grads, e, batch),
-            lambda e: skipped(params, grads, e, batch), extra)
-        params, base_state = _apply(params, base_state, descent)
-        return params, (base_state, count + 1, extra)
-
-    return init, step
-
-
-def hand_every_k_sam(k=5):
-    return _every_k(
-        k, lambda w, g, e, batch: (_sam_grads(w, g, batch), e),
-        lambda w, g, e, batch: (g, e), lambda params: ())
-
-
-def hand_looksam(k=5, alpha=0.7):
-    def paid(w, g, direction, batch):
-        sam_grads = _sam_grads(w, g, batch)
-        unit_g = _unit(g, 1.0)
-        along = _vdot(sam_grads, unit_g)
-        orthogonal = jax.tree.map(lambda s, u: s - along * u, sam_grads,
-                                  unit_g)
-        return sam_grads, _unit(orthogonal, 1.0)
-
-    def skipped(w, g, direction, batch):
-        scale = alpha * _norm(g)
-        return jax.tree.map(lambda x, d: x + scale * d, g, direction), direction
-
-    return _every_k(k, paid, skipped,
-                    lambda params: jax.tree.map(jnp.zeros_like, params))
-
-
-def hand_ae_sam(c=0.0, delta=0.9):
-    def init(params):
-        zero = jnp.zeros([], jnp.float32)
-        return BASE.init(params), (zero, zero)
-
-    def step(params, state, batch):
-        base_state, (mean, variance) = state
-        grads = _grad(params, batch)
-        squared = _vdot(grads, grads)
-        mean = delta * mean + (1 - delta) * squared
-        variance = delta * variance + (1 - delta) * jnp.square(squared - mean)
-        descent = jax.lax.cond(
-            squared >= mean + c * jnp.sqrt(variance),
-            lambda: _sam_grads(params, grads, batch), lambda: grads)
-        params, base_state = _apply(params, base_state, descent)
-        return params, (base_state, (mean, variance))
-
-    return init, step
-
-
-def hand_msam(rho=0.3):
-    """MSAM: the params carry ε; one gradient, at the perturbed point."""
-    def init(params):
-        return BASE.init(params), jax.tree.map(jnp.zeros_like, params)
-
-    def step(params, state, batch):
-        base_state, epsilon = state
-        grads = _grad(params, batch)
-        clean = jax.tree.map(jnp.subtract, params, epsilon)
-        updates, base_state = BASE.update(grads, base_state, clean)
-        new_epsilon = _unit(updates, rho)
-        params = jax.tree.map(lambda w, u, e: w + u + e, clean, updates,
-                              new_epsilon)
-        return params, (base_state, new_epsilon)
-
-    return init, step
-
-
-# --------------------------------------------------------------------------
-# The library's steps and the table of methods.
 
 
 def library_step(tx: optax.GradientTransformation) -> tuple[Callable, Step]:
@@ -407,6 +109,22 @@ def library_step(tx: optax.GradientTransformation) -> tuple[Callable, Step]:
     return tx.init, step
 
 
+def hand_step(hand: common.HandMethod) -> tuple[Callable, Step]:
+    """A hand-written method's step (a schedule decides inside the program,
+    with ``lax.cond``, as the library's default step does)."""
+    def step(params, state, batch):
+        return hand.update(_grad(params, batch), state, params,
+                           lambda p: _grad(p, batch))
+
+    return hand.init, step
+
+
+def hand_msam(rho: float = 0.3) -> tuple[Callable, Step]:
+    """The hand-written MSAM step (``tests/test_memory.py`` counts its
+    FLOPs)."""
+    return hand_step(common.hand_msam(BASE, rho))
+
+
 class Method(NamedTuple):
     """A row: the constructor's call and its hand-written counterpart."""
 
@@ -415,37 +133,11 @@ class Method(NamedTuple):
     hand: Callable[[], tuple[Callable, Step]]
 
 
-METHODS = (
-    Method("sam", lambda: sam_optax.sam(BASE, 0.05), hand_sam),
-    Method("sam_linf", lambda: sam_optax.sam(BASE, 0.05, norm="linf"),
-           hand_sam_linf),
-    Method("asam", lambda: sam_optax.asam(BASE, 0.5, eta=0.01), hand_asam),
-    Method("fisher_sam", lambda: sam_optax.fisher_sam(BASE, 0.1, eta=1.0),
-           hand_fisher_sam),
-    Method("friendly_sam", lambda: sam_optax.friendly_sam(BASE, 0.05),
-           hand_friendly_sam),
-    Method("vasso", lambda: sam_optax.vasso(BASE, 0.05, theta=0.4),
-           hand_vasso),
-    Method("random_sam", lambda: sam_optax.random_sam(BASE, 0.05),
-           hand_random_sam),
-    Method("multistep_sam", lambda: sam_optax.multistep_sam(BASE, 0.05,
-                                                            steps=2),
-           hand_multistep_sam),
-    Method("esam", lambda: sam_optax.esam(BASE, 0.05, beta=0.6), hand_esam),
-    Method("gsam", lambda: sam_optax.gsam(BASE, 0.05, alpha=0.1), hand_gsam),
-    Method("gcsam", lambda: sam_optax.gcsam(BASE, 0.05), hand_gcsam),
-    Method("wsam", lambda: sam_optax.wsam(BASE, 0.05, gamma=0.9), hand_wsam),
-    Method("wsam_decoupled", lambda: sam_optax.wsam(
-        BASE, 0.05, gamma=0.9, decoupled=True, learning_rate=LEARNING_RATE),
-        hand_wsam_decoupled),
-    Method("looksam", lambda: sam_optax.looksam(BASE, 0.05, k=5, alpha=0.7),
-           hand_looksam),
-    Method("every_k_sam", lambda: sam_optax.every_k_sam(BASE, 0.05, k=5),
-           hand_every_k_sam),
-    Method("ae_sam", lambda: sam_optax.ae_sam(BASE, 0.05, c=0.0, delta=0.9),
-           hand_ae_sam),
-    Method("msam", lambda: sam_optax.msam(BASE, 0.3), hand_msam),
-)
+# The hand-written methods (plain jax.numpy, only the state each method
+# needs: the floor) are shared with bench_speed.py: benchmarks/common.py.
+METHODS = tuple(
+    Method(m.name, m.library, lambda m=m: hand_step(m.hand()))
+    for m in common.methods(BASE, learning_rate=LEARNING_RATE))
 
 
 # --------------------------------------------------------------------------

@@ -65,20 +65,6 @@ def configs(base_tx: optax.GradientTransformation, rho: float,
     }
 
 
-def _with_flag(step: common.Step, sam_like: bool) -> common.Step:
-    """The step, also returning whether it took the second gradient.
-
-    A fresh output: the state's own flag is donated to the next step.
-    """
-    def step_with_flag(params, model_state, opt_state, batch):
-        params, model_state, opt_state, loss = step(params, model_state,
-                                                    opt_state, batch)
-        flag = (sam_optax.diagnostics(opt_state).perturbed if sam_like
-                else jnp.zeros([], bool))
-        return params, model_state, opt_state, loss, flag
-    return step_with_flag
-
-
 def run_workload(workload: common.Workload, args: argparse.Namespace,
                  names: Sequence[str]) -> list[dict]:
     base_tx = optax.sgd(args.learning_rate, momentum=0.9)
@@ -96,8 +82,9 @@ def run_workload(workload: common.Workload, args: argparse.Namespace,
             tx = builders[name]()
             step = common.grad_fn_step(workload, tx)
         opt_state = tx.init(params)
-        compiled = common.compile_step(_with_flag(step, builders[name] is not None),
-                                       params, model_state, opt_state, batch)
+        step = common.with_flag(step, sam_like=builders[name] is not None)
+        compiled = common.compile_step(step, params, model_state, opt_state,
+                                       batch)
         # Fresh buffers: init may share one zero array between state leaves,
         # which cannot be donated twice.
         carry = jax.tree.map(jnp.copy, (params, model_state, opt_state))

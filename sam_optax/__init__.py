@@ -1,6 +1,13 @@
 """sam_optax: sharpness-aware minimization as Optax gradient transformations."""
 
 from sam_optax import ascent, descent, linen, masks, nnx, parallel, schedule, sharpness
+from sam_optax.bayesian_sam import (
+    BayesianSAMPosterior,
+    BayesianSAMState,
+    bsam,
+    bsam_posterior,
+    bsam_sample,
+)
 from sam_optax.core import (
     Ascent,
     Descent,
@@ -15,21 +22,27 @@ from sam_optax.momentum_sam import (
     msam_clean_params,
     msam_perturbed_params,
 )
+from sam_optax.parallelized_sam import SAMPaState, sampa, sampa_pair_grad_fn
 from sam_optax.schedule import gsam_rho_schedule
 from sam_optax.variants import (
+    LookbehindState,
     ae_sam,
     asam,
     esam,
     every_k_sam,
     fisher_sam,
     friendly_sam,
+    gam,
     gcsam,
     gsam,
+    lookbehind_sam,
     looksam,
     msam,
     multistep_sam,
     random_sam,
     sam,
+    ssam_d,
+    ssam_f,
     vasso,
     wsam,
 )
@@ -38,24 +51,33 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Ascent",
+    "BayesianSAMPosterior",
+    "BayesianSAMState",
     "Descent",
+    "LookbehindState",
     "MomentumSAMState",
     "SAMDiagnostics",
+    "SAMPaState",
     "SAMState",
     "Schedule",
     "ae_sam",
     "asam",
     "ascent",
+    "bsam",
+    "bsam_posterior",
+    "bsam_sample",
     "descent",
     "diagnostics",
     "esam",
     "every_k_sam",
     "fisher_sam",
     "friendly_sam",
+    "gam",
     "gcsam",
     "gsam",
     "gsam_rho_schedule",
     "linen",
+    "lookbehind_sam",
     "looksam",
     "masks",
     "msam",
@@ -66,9 +88,13 @@ __all__ = [
     "parallel",
     "random_sam",
     "sam",
+    "sampa",
+    "sampa_pair_grad_fn",
     "schedule",
     "sharpness",
     "sharpness_aware",
+    "ssam_d",
+    "ssam_f",
     "vasso",
     "wsam",
 ]

@@ -77,6 +77,22 @@ def to_varying(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
     return jax.tree.map(cast, tree)
 
 
+def vary_like(x: jax.Array, *like: Any) -> jax.Array:
+    """``x`` typed varying over every manual axis any of ``like`` (arrays
+    or trees of them) varies over.
+
+    JAX's sort drops the varying type of its operand under ``shard_map``
+    (``jnp.argsort`` of a per-shard array comes back typed as replicated), so
+    a result computed from a sort's indices would pass for the same on every
+    shard and be silently replaced by one shard's value at the boundary.
+    Outside ``shard_map``: ``x`` unchanged.
+    """
+    axes = frozenset().union(*(varying_axes(leaf)
+                               for leaf in jax.tree.leaves(like)))
+    missing = tuple(sorted(axes - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def local_grad_fn(grad_fn: Callable[[PyTree], Any], axis_name: Optional[AxisName]
                   ) -> Callable[[PyTree], Any]:
     """``grad_fn`` evaluated at a varying point, so its gradient is local."""
@@ -148,5 +164,6 @@ __all__ = [
     "replica_mean_floats",
     "to_varying",
     "tracked_axes",
+    "vary_like",
     "varying_axes",
 ]

@@ -13,7 +13,10 @@ literature (see ``DESIGN.md``):
    ``lax.cond``, so its second gradient is really not computed.
 
 :func:`sharpness_aware` wires the three parts around ``base_tx``. The second
-gradient is taken in exactly one place, :func:`perturbed_gradient`.
+gradient is taken in exactly one place, :func:`perturbed_gradient`. A descent
+that declares ``uses_point`` is also handed the :class:`PerturbedPoint`
+(``w``, ε, ρ and a replica-averaged ``grad_fn``) and may take further
+gradients or Hessian-vector products near ``w + ε`` (GAM's seam).
 
 Data parallelism: with ``axis_name`` set, the step runs inside a mapped
 computation (``pmap``, ``shard_map``, ``vmap(axis_name=...)``) and the caller
@@ -48,7 +51,11 @@ class SAMDiagnostics(NamedTuple):
     Attributes:
       grad_norm: ‖g‖₂ of the gradient that defined ε (after any averaging over
         ``perturbation_axis_name``; mean over replicas); ``inf`` (or ``NaN``)
-        when g has an inf/NaN entry or a norm above ~1e31.
+        when g has an inf/NaN entry or a norm above ~1e31. On steps a
+        schedule skipped, recorded with ``full_diagnostics=True`` only
+        (else 0): two passes over g on a step meant to cost one gradient.
+        0 for ``random_sam``, whose ε no gradient defines (so the caller's
+        clean gradient, which nothing else reads, is not even computed).
       perturbation_norm: ‖ε‖₂ of the ε actually used: ρ for plain SAM with a
         usable gradient; 0 when g is zero, outside the safe norm range
         (~1e-33..1e31) or has an inf/NaN entry on the perturbed leaves, where
@@ -142,11 +149,17 @@ class Perturbation(NamedTuple):
         ε = 0), else ``None`` and the core measures it for the diagnostics
         with ``full_diagnostics=True`` only (measuring keeps ε alive through
         the second gradient).
+      grad_norm: ‖·‖₂ of the gradient that defined ε when that is not the
+        ``grads`` the ascent was given (Lookbehind's, taken at its
+        perturbed point); ``None``: the core reports ‖grads‖, which an
+        ascent that never reads ``grads`` would otherwise keep computed and
+        alive through the step only for the diagnostics.
     """
 
     epsilon: PyTree
     state: Any
     norm: Optional[jax.Array] = None
+    grad_norm: Optional[jax.Array] = None
 
 
 class Ascent(NamedTuple):
@@ -182,6 +195,34 @@ class DescentResult(NamedTuple):
     correction: Optional[PyTree] = None
 
 
+class PerturbedPoint(NamedTuple):
+    """Where the second gradient was taken, for a descent that declares
+    ``Descent.uses_point`` (e.g. GAM's, which needs a Hessian-vector product
+    at ``w + ε``).
+
+    Attributes:
+      params: the clean params ``w`` (the caller's tree and dtypes).
+      epsilon: ε as the ascent returned it (compute dtype); the perturbed
+        gradient was taken at :meth:`perturbed_params`.
+      rho: ρ at this step (after any schedule), at least float32.
+      grad_fn: ``grad_fn(params) -> grads`` (gradients only: a loss value
+        the caller's ``grad_fn`` returns is dropped), averaged exactly as
+        the descent's other inputs are: over ``axis_name`` when set, so
+        replicas stay identical. Each call is a further gradient
+        evaluation, and ``jax.jvp`` through it a Hessian-vector product.
+    """
+
+    params: PyTree
+    epsilon: PyTree
+    rho: jax.Array
+    grad_fn: Callable[[PyTree], PyTree]
+
+    def perturbed_params(self) -> PyTree:
+        """``w + ε``, formed as the core formed it for the second gradient
+        (added in float32 or wider, cast back to each leaf's dtype)."""
+        return numerics.add_perturbation(self.params, self.epsilon)
+
+
 class _CleanGradientsNotRequested:
     """Stands in for ``g`` in ``combine`` when the descent declared
     ``uses_clean_grads=False``: any use fails loudly instead of silently
@@ -198,8 +239,9 @@ class Descent(NamedTuple):
     Attributes:
       init: ``init(params) -> state``.
       combine: ``combine(grads, perturbed_grads, state) -> DescentResult`` on
-        steps that took the second gradient. Under ``axis_name`` both
-        gradients are averaged over replicas.
+        steps that took the second gradient (with ``uses_point``:
+        ``combine(grads, perturbed_grads, state, point=PerturbedPoint)``).
+        Under ``axis_name`` both gradients are averaged over replicas.
       reuse: ``reuse(grads, state) -> DescentResult`` on steps the schedule
         skipped (``None``: hand ``grads`` to ``base_tx`` unchanged, a plain
         base step).
@@ -208,13 +250,20 @@ class Descent(NamedTuple):
         fails on any use, so a wrong flag cannot go unnoticed.
       corrects_updates: whether ``combine``/``reuse`` return a
         ``correction`` (then a missing one counts as zero).
+      uses_point: whether ``combine`` takes ``point=``, a
+        :class:`PerturbedPoint` (``w``, ε, ρ and a replica-averaged
+        ``grad_fn``), to evaluate further gradients or Hessian-vector
+        products near ``w + ε`` (GAM). Opt-in: every other descent is called
+        without it. The core's second gradient is still the one
+        ``perturbed_grads``; what ``combine`` adds is its own cost.
     """
 
     init: Callable[[PyTree], Any]
-    combine: Callable[[PyTree, PyTree, Any], DescentResult]
+    combine: Callable[..., DescentResult]
     reuse: Optional[Callable[[PyTree, Any], DescentResult]] = None
     uses_clean_grads: bool = True
     corrects_updates: bool = False
+    uses_point: bool = False
 
 
 class Schedule(NamedTuple):
@@ -228,11 +277,17 @@ class Schedule(NamedTuple):
         passes the replica-averaged gradient, so every replica decides alike.
       uses_grads: whether ``decide`` reads ``grads`` (when False, no
         averaging is done for it).
+      on_count: the same decision as a pure Python function of the update
+        count, ``on_count(t) -> bool``, when it depends on the count alone
+        (every-k, LookSAM); ``None`` otherwise (AE-SAM). It lets the host
+        choose between two compiled programs with no conditional in either
+        (:func:`sam_optax.schedule.count_rule`).
     """
 
     init: Callable[[PyTree], Any]
     decide: Callable[..., tuple[Union[bool, jax.Array], Any]]
     uses_grads: bool = True
+    on_count: Optional[Callable[[int], bool]] = None
 
 
 _MISSING_GRAD_FN = (
@@ -262,6 +317,81 @@ _CORRECTION_WITH_MULTISTEPS = (
     "params at every micro-batch while an `optax.MultiSteps` inside it waits "
     "for k of them. Use the coupled form (`decoupled=False`), or accumulate "
     "larger batches before calling `update`.")
+
+
+_PERTURB_TYPE = (
+    "`perturb` must be a Python bool (or None: the schedule decides); got "
+    "{}. It chooses which program is compiled, so it cannot be traced: make "
+    "it static, e.g. `jax.jit(step, static_argnames='perturb')` or one "
+    "`functools.partial(step, perturb=flag)` per flag, and choose on the host "
+    "with `sam_optax.schedule.count_rule(tx, params)(t)`.")
+
+
+class ScheduleProbe(NamedTuple):
+    """What a SAM-type ``update`` says about its schedule when probed
+    (:func:`probe_schedules`).
+
+    Attributes:
+      on_count: the schedule's ``on_count`` (``None``: not count-based).
+      guarded: whether a guard inside ``base_tx`` (``apply_if_finite``, a
+        ``MultiSteps`` skip) may hold the count back, which the host cannot
+        see without reading it.
+      decision: the schedule's decision at this step (a traced bool or
+        ``True``), in ``"decision"`` probes; else ``None``.
+    """
+
+    on_count: Optional[Callable[[int], bool]]
+    guarded: bool
+    decision: Union[bool, jax.Array, None] = None
+
+
+class _ProbeDone(Exception):
+    """Stops a probed ``update`` once it has said what was asked."""
+
+
+# The active probe: (kind, found). `update` appends a ScheduleProbe to
+# `found` and stops; it never runs a probe's step to completion.
+_active_probe: list[tuple[str, list[ScheduleProbe]]] = []
+
+
+def probe_schedules(kind: str, call: Callable[[], Any]) -> list[ScheduleProbe]:
+    """Run ``call`` (which calls some ``tx.update``) until the first SAM-type
+    ``update`` reports its schedule; ``kind`` is ``"rule"`` (before any
+    computation: safe to trace abstractly, outside any mapped axis) or
+    ``"decision"`` (after the schedule's decision, inside the caller's
+    trace). Returns the reports (empty: no SAM-type transformation).
+    """
+    found: list[ScheduleProbe] = []
+    _active_probe.append((kind, found))
+    try:
+        call()
+    except _ProbeDone:
+        pass
+    finally:
+        _active_probe.pop()
+    return found
+
+
+def report_schedule(schedule: Schedule, base_state: Any, kind: str,
+                    decision: Union[bool, jax.Array, None] = None) -> None:
+    """Inside ``update``: answer an active probe of ``kind`` and stop."""
+    if not _active_probe or _active_probe[-1][0] != kind:
+        return
+    guarded = bool(find_states(base_state, optax.ApplyIfFiniteState)
+                   or any(isinstance(s.skip_state, dict)
+                          and "should_skip" in s.skip_state
+                          for s in find_states(base_state,
+                                               optax.MultiStepsState)))
+    _active_probe[-1][1].append(
+        ScheduleProbe(schedule.on_count, guarded, decision))
+    raise _ProbeDone
+
+
+def check_perturb(perturb: Any) -> Optional[bool]:
+    """``perturb=`` is ``None`` or a Python bool (it picks the program)."""
+    if perturb is None or isinstance(perturb, bool):
+        return perturb
+    raise TypeError(_PERTURB_TYPE.format(type(perturb).__name__))
 
 
 def split_value_and_grads(out: Any, params: PyTree, name: str = "grad_fn"
@@ -391,7 +521,10 @@ def perturbed_gradient(grad_fn: Callable[[PyTree], Any], params: PyTree,
     """The one place the second gradient is taken: ``grad_fn(params + ε)``.
 
     ``params + ε`` is added in float32 (or wider) and cast back to each leaf's
-    dtype. Returns ``(value or None, grads)``.
+    dtype. Returns ``(value or None, grads)``. Beyond it, only a multi-step
+    ascent (before) and a descent with ``Descent.uses_point`` (after, through
+    :class:`PerturbedPoint`: GAM's Hessian-vector product at ``w + ε``)
+    evaluate ``grad_fn``.
     """
     perturbed_params = numerics.add_perturbation(params, perturbation)
     return split_value_and_grads(grad_fn(perturbed_params), params)
@@ -466,7 +599,9 @@ def paid_diagnostics(ascent_grads: PyTree, perturbation: Perturbation,
     known = value is not None and perturbed_value is not None
     return SAMDiagnostics(
         # The ascent's own norm computation: XLA's CSE merges the two.
-        grad_norm=numerics.global_norm(ascent_grads),
+        grad_norm=_as_scalar(numerics.global_norm(ascent_grads)
+                             if perturbation.grad_norm is None
+                             else perturbation.grad_norm),
         # Reported by the ascent when it knows ‖ε‖ (plain SAM: ρ or 0); else
         # measured, on request only: a sum over ε keeps ε alive as a
         # parameter-sized buffer (ASAM: +1 P, benchmarks/results/memory_*.md).
@@ -506,7 +641,9 @@ def sharpness_aware(
 
     and, on steps the schedule skips, ``u = base_tx(descent.reuse(g))``
     without evaluating ``∇L`` again. A descent's ``correction`` is added to
-    ``u``.
+    ``u``. A descent with ``uses_point`` also receives the
+    :class:`PerturbedPoint` and may evaluate ``∇L`` (or ``∇²L·v``) again
+    near ``w + ε``: GAM does.
 
     Args:
       base_tx: the optimizer that receives the (SAM) gradient.
@@ -530,8 +667,12 @@ def sharpness_aware(
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
-      ``(grads, state, params, *, grad_fn, **extra_args)``. Extra arguments
-      (``value=`` among them) are forwarded to ``base_tx`` when it accepts them.
+      ``(grads, state, params, *, grad_fn, perturb=None, **extra_args)``.
+      ``perturb``, a Python bool, overrides the schedule's decision with the
+      host's (``True``: take the second gradient; ``False``: the skipped
+      step), building no ``lax.cond``: see
+      :func:`sam_optax.schedule.count_rule`. Extra arguments (``value=``
+      among them) are forwarded to ``base_tx`` when it accepts them.
     """
     validation.check_rho(rho)
     validation.check_bool(full_diagnostics, "full_diagnostics")
@@ -567,7 +708,10 @@ def sharpness_aware(
 
     def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
                   grad_fn: Optional[GradFn] = None,
+                  perturb: Optional[bool] = None,
                   **extra_args: Any) -> tuple[PyTree, SAMState]:
+        report_schedule(schedule, state.base_state, "rule")
+        perturb = check_perturb(perturb)
         grad_fn = check_update_call(grads, params, grad_fn)
         if axis_name is not None:
             # Inside shard_map: reject gradients summed over shards, and take
@@ -591,11 +735,15 @@ def sharpness_aware(
 
         mean_grads = replica_averaged() if schedule.uses_grads else None
 
-        # 2. Whether this step pays for the second gradient.
-        perturb, schedule_state = schedule.decide(
+        # 2. Whether this step pays for the second gradient: the schedule's
+        #    decision, or the host's (`perturb=`, a Python bool: then no
+        #    conditional is built and the schedule only updates its state).
+        decision, schedule_state = schedule.decide(
             grads if mean_grads is None else mean_grads,
             state.schedule_state, count=count)
-        if mean_grads is None and (perturb is not True
+        report_schedule(schedule, state.base_state, "decision", decision)
+        take: Union[bool, jax.Array] = decision if perturb is None else perturb
+        if mean_grads is None and (take is not True
                                    or descent.uses_clean_grads):
             mean_grads = replica_averaged()  # outside lax.cond, read inside
 
@@ -626,11 +774,18 @@ def sharpness_aware(
             if axis_name is not None:
                 perturbed_grads = replica_mean(perturbed_grads, axis_name)
                 diagnostics = _replica_mean_diagnostics(diagnostics, axis_name)
-            # 5. What base_tx sees.
+            # 5. What base_tx sees; a descent that asked for the point gets
+            #    it, with a grad_fn averaged as its gradients are.
+            point = {} if not descent.uses_point else {
+                "point": PerturbedPoint(
+                    params, perturbation.epsilon, rho_t,
+                    lambda x: replica_mean(
+                        split_value_and_grads(grad_fn(x), params)[1],
+                        axis_name))}
             result = descent.combine(
                 mean_grads if descent.uses_clean_grads
                 else _CleanGradientsNotRequested(),
-                perturbed_grads, descent_state)
+                perturbed_grads, descent_state, **point)
             return branch_output(result, perturbation.state, diagnostics)
 
         def skipped(substates):
@@ -638,16 +793,21 @@ def sharpness_aware(
             result = (DescentResult(mean_grads, descent_state)
                       if descent.reuse is None
                       else descent.reuse(mean_grads, descent_state))
+            # ‖g‖ on a skipped step would be two more passes over g, on the
+            # steps that are meant to cost one gradient: asked for only.
             diagnostics = zero_diagnostics()._replace(
-                grad_norm=numerics.global_norm(mean_grads),
+                grad_norm=_as_scalar(numerics.global_norm(mean_grads)
+                                     if full_diagnostics else None),
                 loss=_as_scalar(value))
             return branch_output(result, ascent_state, diagnostics)
 
         substates = (state.ascent_state, state.descent_state)
-        if perturb is True:
+        if take is True:
             branch = paid(substates)
+        elif take is False:
+            branch = skipped(substates)
         else:
-            branch = jax.lax.cond(perturb, paid, skipped, substates)
+            branch = jax.lax.cond(take, paid, skipped, substates)
         descent_grads, correction, ascent_state, descent_state, diagnostics = (
             branch)
 

@@ -4,7 +4,9 @@ A :class:`~sam_optax.core.Descent` receives, on steps that took the second
 gradient, the clean gradient ``g = ∇L(w)`` and the perturbed one
 ``g_sam = ∇L(w + ε)`` and returns what ``base_tx`` sees. On steps a schedule
 skipped, its optional ``reuse`` builds that from ``g`` and its own state
-(LookSAM) without a second gradient.
+(LookSAM) without a second gradient. A descent that declares ``uses_point``
+(GAM's) is also handed the :class:`~sam_optax.core.PerturbedPoint` and
+evaluates a Hessian-vector product at ``w + ε`` itself.
 
 All arithmetic is done in float32 (or wider); the core casts the result back
 to the gradients' dtypes. Projections use :func:`orthogonal_part`, which is
@@ -20,8 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.ascent import centralize
-from sam_optax.core import Descent, DescentResult, no_state
+from sam_optax.ascent import centralize, hessian_vector_product
+from sam_optax.core import Descent, DescentResult, PerturbedPoint, no_state
 from sam_optax.types import PyTree, ScalarOrSchedule
 
 
@@ -283,10 +285,54 @@ def looksam_gradient(alpha: float = 0.7) -> Descent:
     return Descent(init=init, combine=combine, reuse=reuse)
 
 
+def gradient_norm_gradient(alpha: float = 0.1) -> Descent:
+    """GAM's descent (Zhang et al. 2023, Alg. 1): the loss gradient plus α
+    times the gradient of the first-order flatness.
+
+    With ``θ_adv = w + ε`` from :func:`sam_optax.ascent.gradient_norm_ascent`,
+    ``g_adv = ∇L(θ_adv)`` the core's perturbed gradient and
+    ``R⁽¹⁾_ρ(w) = ρ max_{‖δ‖≤ρ} ‖∇L(w + δ)‖``:
+
+    .. math::
+
+      ∇R^{(1)}_ρ(w) ≈ ρ\\, ∇^2 L(θ_{adv}) \\frac{g_{adv}}{\\lVert g_{adv}
+      \\rVert_2}, \\qquad d = g + α\\, ∇R^{(1)}_ρ(w)
+
+    The Hessian-vector product is taken exactly at ``θ_adv`` through the
+    :class:`~sam_optax.core.PerturbedPoint` (``uses_point=True``), one
+    ``jax.jvp`` of its ``grad_fn``: about two gradient evaluations. Under
+    ``axis_name`` it is the replica average of each shard's product at its
+    own ``θ_adv`` along the averaged ``ĝ_adv``, the same on every replica.
+    ``g_adv = 0`` gives ``d = g``, never a NaN. ``alpha = 0`` is the base
+    optimizer on ``g`` (the second gradient and both products are then
+    wasted).
+
+    Args:
+      alpha: weight α ≥ 0 of the first-order flatness.
+
+    References:
+      Zhang, Xu, Yu, Zou, Cui. Gradient Norm Aware Minimization Seeks
+      First-Order Flatness and Improves Generalization. CVPR 2023.
+      https://arxiv.org/abs/2303.03108
+    """
+    validation.check_in_range(alpha, "alpha", 0.0, float("inf"),
+                              high_open=True)
+
+    def combine(grads, perturbed_grads, state, *, point: PerturbedPoint):
+        unit = numerics.normalize(perturbed_grads).direction
+        curvature = hessian_vector_product(point.grad_fn,
+                                           point.perturbed_params(), unit)
+        return DescentResult(_linear_combination(
+            1.0, grads, alpha * point.rho, curvature), state)
+
+    return Descent(init=no_state, combine=combine, uses_point=True)
+
+
 __all__ = [
     "centralized_gradient",
     "DecoupledSharpnessState",
     "LookSAMState",
+    "gradient_norm_gradient",
     "gsam_gradient",
     "looksam_gradient",
     "orthogonal_part",

@@ -199,6 +199,7 @@ def train_step(
     dropout_key: DropoutKeyPolicy = "same",
     rng_streams: Sequence[str] = ("dropout",),
     axis_name: Optional[AxisName] = None,
+    perturb: Optional[bool] = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
     """Build ``step(state, batch, key) -> (state, metrics)`` for a Linen model.
 
@@ -248,6 +249,13 @@ def train_step(
       rng_streams: names of the random streams passed to ``apply_fn``.
       axis_name: the mapped axis (or axes) of the surrounding ``shard_map``,
         ``pmap`` or ``vmap``; ``None`` on one device.
+      perturb: ``None`` (the schedule decides inside the step) or a Python
+        bool for ``tx.update(..., perturb=)``: one program per flag, chosen
+        on the host with :func:`sam_optax.schedule.host_scheduled` (no
+        ``lax.cond``; pass ``opt_state=lambda a: a[0].opt_state,
+        new_opt_state=lambda a, out: out[0].opt_state``). With
+        ``batch_stats="perturbed"`` a ``perturb=False`` step keeps the clean
+        pass's statistics (it has no other).
 
     Returns:
       ``step(state, batch, key)``, to be wrapped in ``jax.jit`` (inside the
@@ -335,9 +343,12 @@ def train_step(
             perturbed_stats.append(stats)  # read only under "perturbed"
             return value, perturbed_grads
 
-        state = state.apply_gradients(grads=grads, grad_fn=grad_fn, value=loss)
+        state = state.apply_gradients(
+            grads=grads, grad_fn=grad_fn, value=loss,
+            extra_args=None if perturb is None else {"perturb": perturb})
         new_stats = clean_stats
-        if batch_stats == "perturbed" and clean_stats is not None:
+        if (batch_stats == "perturbed" and clean_stats is not None
+                and perturb is not False):
             if not perturbed_stats:
                 raise ValueError(
                     "batch_stats='perturbed' needs an optimizer that evaluates "

@@ -131,8 +131,13 @@ def momentum_sam(
 
     def update_fn(grads: PyTree, state: SAMState, params: PyTree = None, *,
                   grad_fn: Optional[Callable[[PyTree], Any]] = None,
+                  perturb: Optional[bool] = None,
                   **extra_args: Any) -> tuple[PyTree, SAMState]:
         del grad_fn  # MSAM's one gradient is the caller's `grads`.
+        if perturb is not None:
+            raise TypeError(
+                "MSAM takes one gradient per step and has no schedule: "
+                "`perturb=` does not apply (leave it unset).")
         if params is None:
             raise ValueError(
                 "MSAM moves the parameters off the perturbation: pass them, "

@@ -18,6 +18,9 @@ Everything that can produce a NaN lives here, written once:
   into the normalising pass: no extra pass over the parameters;
 * perturbations are computed in float32 and cast back to each leaf's dtype;
   leaves may be arrays or Python scalars;
+* zeros made for a leaf (state shaped like the params, unselected leaves)
+  are sharded like it (:func:`typed_sharding`), so that state stays sharded
+  like the parameters when they are (FSDP, ``docs/concepts/parallel.md``);
 * masks select which leaves take part (``True`` = selected), as resolved by
   :func:`sam_optax.masks.leaf_flags`; unselected leaves get an exact zero and
   do not enter any norm.
@@ -25,11 +28,12 @@ Everything that can produce a NaN lives here, written once:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from sam_optax import masks
 from sam_optax.types import Mask, PyTree
@@ -58,7 +62,41 @@ def as_compute(x: Any) -> jax.Array:
 def _zeros_compute(x: Any) -> jax.Array:
     """Zeros shaped like ``x`` in its compute dtype (float32 for non-floats)."""
     dtype = compute_dtype(leaf_dtype(x)) if is_float(x) else jnp.float32
-    return jnp.zeros(np.shape(x), dtype)
+    return _zeros_placed_like(x, dtype)
+
+
+def typed_sharding(x: Any) -> Optional[jax.sharding.NamedSharding]:
+    """The sharding in a traced ``x``'s type, or ``None``.
+
+    Under ``Explicit`` mesh axes an array's type says how it is sharded, and
+    a value built from a shape alone (zeros, random draws) comes out
+    replicated unless given that sharding (``out_sharding=``). ``None`` for
+    anything not traced or sharded over no ``Explicit`` axis (``Auto`` axes,
+    one device, inside ``shard_map`` over every axis), where plain
+    construction is right.
+    """
+    if not isinstance(x, Tracer):
+        return None
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.empty or all(s is None for s in sharding.spec):
+        return None
+    return sharding
+
+
+def _zeros_placed_like(x: Any, dtype: Any) -> jax.Array:
+    """Zeros shaped and sharded like ``x``, of ``dtype``.
+
+    State shaped like the params (LookSAM's direction, MSAM's ε, EMAs) must
+    be sharded like them: replicated zeros would hold a whole parameter-sized
+    buffer per device under FSDP, and under ``Explicit`` mesh axes a
+    ``lax.cond`` whose other branch returns it sharded does not trace. A
+    concrete array's placement, or a traced one's :func:`typed_sharding`, is
+    kept. Not ``jnp.zeros_like`` on tracers: inside ``shard_map`` it would
+    also copy the varying type.
+    """
+    if isinstance(x, jax.Array) and not isinstance(x, Tracer):
+        return jnp.zeros_like(x, dtype)
+    return jnp.zeros(np.shape(x), dtype, out_sharding=typed_sharding(x))
 
 
 def _flags(tree: PyTree, mask: Mask) -> list[bool]:
@@ -161,9 +199,13 @@ class NormFactors(NamedTuple):
 def norm_factors(tree: PyTree, mask: Mask = None) -> NormFactors:
     """The :class:`NormFactors` of ``tree``, branch-free.
 
-    The two rescaled sums of squares come from one fused pass over the data
-    and ``jnp.where`` on scalars picks the one in range. No ``lax.cond``,
-    whose predicate costs a device-to-host sync on GPU. A zero tree (or one
+    Two rescaled sums of squares; ``jnp.where`` on scalars picks the one in
+    range. No ``lax.cond``: its predicate costs a device-to-host sync
+    on GPU, and the tree, an operand of the branch, would be written out in
+    full (+1 P for GAM, fisher_sam +0.17 P: benchmarks/bench_memory.py).
+    XLA:CPU reads the tree once per sum rather than fusing them: that is
+    sam's 1.04x over a hand-written step on the CPU MLP
+    (benchmarks/results/overhead_cpu_candidates.md). A zero tree (or one
     whose norm is below ~1e-33) gives ``norm = 0`` and ``post = 0``: a zero
     direction, never a NaN; past ~1e31 the norm is ``inf`` and the direction
     again zero. An ``inf`` or ``NaN`` entry makes both sums non-finite, so
@@ -179,6 +221,7 @@ def norm_factors(tree: PyTree, mask: Mask = None) -> NormFactors:
     dtype = jnp.float32
     for x in _selected(tree, mask):
         dtype = jnp.promote_types(dtype, x.dtype)
+
     # (_two_sums_of_squares hides the factors from XLA's simplifier.)
     up_sum, down_sum = _two_sums_of_squares(
         tree, mask, jnp.asarray(_UP, dtype), jnp.asarray(_DOWN, dtype))
@@ -352,4 +395,4 @@ def zeros_like_compute(tree: PyTree) -> PyTree:
     the leaf's own dtype for non-float leaves)."""
     return jax.tree.map(
         lambda x: _zeros_compute(x) if is_float(x)
-        else jnp.zeros(np.shape(x), leaf_dtype(x)), tree)
+        else _zeros_placed_like(x, leaf_dtype(x)), tree)

@@ -60,7 +60,8 @@ Step = Callable[[PyTree, optax.OptState, PyTree],
 
 
 def train_step(tx: optax.GradientTransformation, loss_fn: LossFn, *,
-               axis_name: Optional[AxisName] = None) -> Step:
+               axis_name: Optional[AxisName] = None,
+               perturb: Optional[bool] = None) -> Step:
     """The per-shard SAM training step that every parallel path runs.
 
     Args:
@@ -69,6 +70,11 @@ def train_step(tx: optax.GradientTransformation, loss_fn: LossFn, *,
         *local* batch (shard or chunk).
       axis_name: the mapped axis (or axes) of the surrounding ``pmap``,
         ``shard_map`` or ``vmap``; ``None`` on one device.
+      perturb: ``None`` (the schedule decides, inside the step) or a Python
+        bool passed to ``tx.update(..., perturb=)``: ``True`` takes the second
+        gradient, ``False`` is the schedule's skipped step. Build one step
+        per flag and choose on the host with
+        :func:`sam_optax.schedule.host_scheduled` (no ``lax.cond``).
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)`` where
@@ -77,6 +83,8 @@ def train_step(tx: optax.GradientTransformation, loss_fn: LossFn, *,
       gradients), never w.r.t. the replicated ones.
     """
 
+    host_decision = {} if perturb is None else {"perturb": perturb}
+
     def step(params, opt_state, batch):
         value_and_grad = local_grad_fn(
             jax.value_and_grad(lambda p: loss_fn(p, batch)), axis_name)
@@ -84,8 +92,8 @@ def train_step(tx: optax.GradientTransformation, loss_fn: LossFn, *,
         if axis_name is not None:
             loss = jax.lax.pmean(loss, axis_name)
         updates, opt_state = tx.update(
-            grads, opt_state, params,
-            grad_fn=value_and_grad, value=loss)  # pyright: ignore[reportCallIssue]
+            grads, opt_state, params, grad_fn=value_and_grad,  # pyright: ignore[reportCallIssue]
+            value=loss, **host_decision)  # pyright: ignore[reportCallIssue]
         _check_replicated(updates, opt_state, axis_name)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -172,14 +180,14 @@ def _explain_axis_error(err: Exception, axis_name: AxisName, where: str,
 
 def _vmapped_body(tx: optax.GradientTransformation, loss_fn: LossFn,
                   axis_name: AxisName, axis_sizes: Mapping[str, Optional[int]], *,
-                  batch_axis: Optional[int], state_axis: Optional[int]
-                  ) -> Step:
+                  batch_axis: Optional[int], state_axis: Optional[int],
+                  perturb: Optional[bool] = None) -> Step:
     """:func:`train_step` under one ``vmap`` per named axis (outermost first).
 
     Params are shared (``in_axes=None``) and must come out unbatched
     (``out_axes=None``): vmap refuses updates that differ over an axis.
     """
-    body = train_step(tx, loss_fn, axis_name=axis_name)
+    body = train_step(tx, loss_fn, axis_name=axis_name, perturb=perturb)
     for axis, size in reversed(list(axis_sizes.items())):
         body = jax.vmap(body, in_axes=(None, None, batch_axis),
                         out_axes=(None, state_axis, None), axis_name=axis,
@@ -197,7 +205,7 @@ def _shape(x: Any, shape: Optional[tuple[int, ...]] = None
 def _probe_axes(tx: optax.GradientTransformation, loss_fn: LossFn,
                 axis_name: AxisName, axis_sizes: dict[str, int],
                 args: tuple[PyTree, PyTree, PyTree], *, batch_axis: Optional[int],
-                where: str) -> None:
+                where: str, perturb: Optional[bool] = None) -> None:
     """Trace the per-shard body under vmap to check the tx's axis names.
 
     ``args`` are the per-shard ``(params, opt_state, batch)`` (arrays or
@@ -211,7 +219,7 @@ def _probe_axes(tx: optax.GradientTransformation, loss_fn: LossFn,
         to the real one (e.g. ``axis_index_groups`` exist under pmap only).
     """
     body = _vmapped_body(tx, loss_fn, axis_name, axis_sizes,
-                         batch_axis=batch_axis, state_axis=0)
+                         batch_axis=batch_axis, state_axis=0, perturb=perturb)
     try:
         jax.eval_shape(body, *jax.tree.map(_shape, args))
     except Exception as err:  # noqa: BLE001 -- only our two cases are ours
@@ -236,7 +244,8 @@ def _check_mesh_axes(mesh: jax.sharding.Mesh, axis_name: AxisName,
 
 
 def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
-              axis_name: str = "batch", **pmap_kwargs: Any) -> Step:
+              axis_name: str = "batch", *, perturb: Optional[bool] = None,
+              **pmap_kwargs: Any) -> Step:
     """The SAM step under ``jax.pmap``: one replica of params/state per device.
 
     ``params`` and ``opt_state`` carry a leading device axis (see
@@ -248,7 +257,7 @@ def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     The first call therefore traces one replica's step under ``jax.vmap``
     (``jax.eval_shape``: nothing is compiled) to check that the updates are
     averaged over ``axis_name`` and that the transformation uses no other
-    axis.
+    axis. ``perturb`` is :func:`train_step`'s (a host-chosen program).
 
     Raises:
       ValueError: at the first call, if ``tx`` was built without
@@ -268,7 +277,8 @@ def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       >>> params.shape == (n, 3)
       True
     """
-    mapped = jax.pmap(train_step(tx, loss_fn, axis_name=axis_name),
+    mapped = jax.pmap(train_step(tx, loss_fn, axis_name=axis_name,
+                                 perturb=perturb),
                       axis_name=axis_name, **pmap_kwargs)
     devices = pmap_kwargs.get("devices") or jax.local_devices()
     # Inputs placed as pmap places its outputs: one compilation, not two.
@@ -286,7 +296,8 @@ def pmap_step(tx: optax.GradientTransformation, loss_fn: LossFn,
                                    (params, opt_state))
             size = np.shape(jax.tree.leaves(batch)[0])[0]
             _probe_axes(tx, loss_fn, axis_name, {axis_name: size},
-                        (*replica, batch), batch_axis=0, where=where)
+                        (*replica, batch), batch_axis=0, where=where,
+                        perturb=perturb)
             probed.append(True)
         try:
             return mapped(*jax.device_put((params, opt_state, batch), sharding))
@@ -309,7 +320,8 @@ def replicate(tree: PyTree, n: Optional[int] = None) -> PyTree:
 
 def shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
                    mesh: jax.sharding.Mesh, axis_name: AxisName = "data", *,
-                   batch_spec: Optional[P] = None) -> Step:
+                   batch_spec: Optional[P] = None,
+                   perturb: Optional[bool] = None) -> Step:
     """The SAM step as a ``jax.shard_map`` over ``axis_name`` of ``mesh``.
 
     Params and optimizer state are replicated (``P()``); every batch leaf is
@@ -328,6 +340,7 @@ def shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       mesh: the device mesh.
       axis_name: the mesh axis (or axes) the batch is split over.
       batch_spec: partition spec of the batch (default ``P(axis_name)``).
+      perturb: as for :func:`train_step` (a host-chosen program).
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
@@ -344,11 +357,13 @@ def shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
 
 def _shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
                     mesh: jax.sharding.Mesh, axis_name: AxisName, *,
-                    batch_spec: Optional[P], where: str) -> Step:
+                    batch_spec: Optional[P], where: str,
+                    perturb: Optional[bool] = None) -> Step:
     """:func:`shard_map_step`; ``where`` names the public builder in errors."""
     _check_mesh_axes(mesh, axis_name, where)
     batch_spec = P(axis_name) if batch_spec is None else batch_spec
-    sharded = jax.shard_map(train_step(tx, loss_fn, axis_name=axis_name),
+    sharded = jax.shard_map(train_step(tx, loss_fn, axis_name=axis_name,
+                                       perturb=perturb),
                             mesh=mesh, in_specs=(P(), P(), batch_spec),
                             out_specs=(P(), P(), P()))
 
@@ -369,7 +384,7 @@ def _shard_map_step(tx: optax.GradientTransformation, loss_fn: LossFn,
                 raise err from None
             _probe_axes(tx, loss_fn, axis_name, dict(mesh.shape),
                         (params, opt_state, local), batch_axis=None,
-                        where=where)
+                        where=where, perturb=perturb)
             raise
 
     return step
@@ -390,7 +405,8 @@ def data_mesh(axis_name: str = "data", devices: Optional[Sequence[Any]] = None
 def data_parallel_step(tx: optax.GradientTransformation, loss_fn: LossFn,
                        mesh: Optional[jax.sharding.Mesh] = None,
                        axis_name: AxisName = "data", *,
-                       donate: bool = False) -> Step:
+                       donate: bool = False,
+                       perturb: Optional[bool] = None) -> Step:
     """A jitted SAM step with per-shard ε, for plain ``jax.jit`` users.
 
     With ``jax.jit`` alone (GSPMD, "pjit"), the loss is a function of the
@@ -409,6 +425,7 @@ def data_parallel_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       mesh: the mesh (default: :func:`data_mesh` over all devices).
       axis_name: mesh axis (or axes) the batch is split over.
       donate: donate params and optimizer state buffers.
+      perturb: as for :func:`train_step` (a host-chosen program).
 
     Returns:
       a jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
@@ -441,7 +458,8 @@ def data_parallel_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P()),
                  NamedSharding(mesh, P(axis_name)))
     jitted = jax.jit(_shard_map_step(tx, loss_fn, mesh, axis_name,
-                                     batch_spec=None, where=where),
+                                     batch_spec=None, where=where,
+                                     perturb=perturb),
                      in_shardings=shardings, out_shardings=shardings[0],
                      donate_argnums=(0, 1) if donate else ())
 
@@ -482,7 +500,8 @@ def split_into_chunks(batch: PyTree, chunk_size: int) -> PyTree:
 
 
 def chunked_step(tx: optax.GradientTransformation, loss_fn: LossFn,
-                 chunk_size: int, axis_name: str = "chunks") -> Step:
+                 chunk_size: int, axis_name: str = "chunks", *,
+                 perturb: Optional[bool] = None) -> Step:
     """m-sharpness on one device: ε per chunk of ``chunk_size`` examples.
 
     The batch is split into ``B / m`` chunks, and the per-shard body
@@ -496,6 +515,7 @@ def chunked_step(tx: optax.GradientTransformation, loss_fn: LossFn,
       loss_fn: ``loss_fn(params, chunk) -> scalar`` mean loss over a chunk.
       chunk_size: m, the number of examples per ε.
       axis_name: the vmap axis name (must match the transformation's).
+      perturb: as for :func:`train_step` (a host-chosen program).
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``; wrap it
@@ -521,7 +541,7 @@ def chunked_step(tx: optax.GradientTransformation, loss_fn: LossFn,
     if not isinstance(axis_name, str):
         raise ValueError(f"`axis_name` must be a string; got {axis_name!r}.")
     body = _vmapped_body(tx, loss_fn, axis_name, {axis_name: None},
-                         batch_axis=0, state_axis=None)
+                         batch_axis=0, state_axis=None, perturb=perturb)
     where = "`chunked_step`"
     differs = (
         "the updates or the optimizer state differ across chunks. If the "

@@ -12,15 +12,22 @@ as GSAM does; any Optax schedule is accepted as ``rho`` by every variant.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax import numerics, validation
-from sam_optax.core import Schedule, no_state
-from sam_optax.types import ScalarOrSchedule
+from sam_optax.core import (
+    Schedule,
+    find_sam_states,
+    no_state,
+    probe_schedules,
+)
+from sam_optax.types import PyTree, ScalarOrSchedule
 
 # ‖g‖² is capped here so that its squared deviation (the variance update)
 # stays finite in float32 even for absurd gradients (‖g‖ ≥ 1e9).
@@ -35,7 +42,13 @@ def every_step() -> Schedule:
         del grads, count
         return True, state
 
-    return Schedule(init=no_state, decide=decide, uses_grads=False)
+    return Schedule(init=no_state, decide=decide, uses_grads=False,
+                    on_count=_always)
+
+
+def _always(count: int) -> bool:
+    del count
+    return True
 
 
 def every_k_steps(k: int) -> Schedule:
@@ -73,7 +86,11 @@ def every_k_steps(k: int) -> Schedule:
         del grads
         return count % k == 0, state
 
-    return Schedule(init=no_state, decide=decide, uses_grads=False)
+    def on_count(count: int) -> bool:
+        return count % k == 0
+
+    return Schedule(init=no_state, decide=decide, uses_grads=False,
+                    on_count=on_count)
 
 
 class AdaptivePolicyState(NamedTuple):
@@ -206,10 +223,274 @@ def gsam_rho_schedule(learning_rate: optax.Schedule, *, lr_max: float,
     return schedule
 
 
+# ------------------------------------------- deciding on the host
+# A schedule that skips steps makes the core build `lax.cond`. That is right
+# everywhere, and cheap on an MLP; but XLA:CPU runs a convolution's gradient
+# inside a conditional 15-21x slower than at the top level, and any backend
+# pays for the branch it cannot fuse across. When the decision depends on the
+# update count alone, the host can make it instead: two compiled programs
+# (`update(..., perturb=True)` and `perturb=False`), no conditional in either,
+# and a Python choice between them at each step.
+
+
+def _unused_grad_fn(params: PyTree) -> PyTree:
+    # A SAM-type update stops before taking a gradient; another kind of
+    # transformation (MSAM, SAMPa, bSAM) is traced to its end, abstractly.
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+def count_rule(tx: optax.GradientTransformation, params: PyTree
+               ) -> Optional[Callable[[int], bool]]:
+    """Whether update ``t`` of ``tx`` takes the second gradient, as a pure
+    Python function of ``t``, when ``tx``'s schedule depends on the count
+    alone; ``None`` when it does not.
+
+    Found by tracing ``tx.update`` abstractly (no computation, no
+    compilation) up to the SAM-type transformation inside it, wherever it
+    sits (``optax.chain``, ``inject_hyperparams``, ...). ``None`` for:
+    AE-SAM (its decision reads the gradient: see :func:`decision`), MSAM
+    (no second gradient to skip), a ``tx`` with no SAM-type transformation,
+    and a ``base_tx`` holding ``optax.apply_if_finite`` or a ``MultiSteps``
+    skip rule, which may hold the count back where the host cannot see it.
+
+    Use it with ``update(..., perturb=rule(t))``: ``t`` is the SAM state's
+    ``count`` (:func:`sam_count`), which :func:`host_scheduled` keeps for you.
+
+    Example:
+      >>> import functools, jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> tx = sam_optax.looksam(optax.sgd(0.1), rho=0.05, k=3)
+      >>> params = jnp.zeros(2)
+      >>> rule = sam_optax.schedule.count_rule(tx, params)
+      >>> [rule(t) for t in range(6)]
+      [True, False, False, True, False, False]
+      >>> def step(params, state, perturb):
+      ...   updates, state = tx.update(jax.grad(loss_fn)(params), state, params,
+      ...                              grad_fn=jax.grad(loss_fn), perturb=perturb)
+      ...   return optax.apply_updates(params, updates), state
+      >>> steps = {flag: jax.jit(functools.partial(step, perturb=flag))
+      ...          for flag in (True, False)}  # no lax.cond in either
+      >>> state = tx.init(params)
+      >>> for t in range(sam_optax.schedule.sam_count(state), 6):
+      ...   params, state = steps[rule(t)](params, state)
+      >>> int(state.count)
+      6
+    """
+
+    def update(params):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        return tx.update(
+            grads, tx.init(params), params,
+            grad_fn=_unused_grad_fn)  # pyright: ignore[reportCallIssue]
+
+    def trace() -> None:
+        try:
+            jax.eval_shape(update, params)
+        except Exception:  # noqa: BLE001 -- e.g. an axis name unbound here
+            pass  # no report: not known to be count-based (the step itself
+            # raises any real error)
+
+    probes = probe_schedules("rule", trace)
+    if len(probes) != 1 or probes[0].guarded:
+        return None
+    return probes[0].on_count
+
+
+def decision(tx: optax.GradientTransformation, grads: PyTree,
+             opt_state: optax.OptState, params: PyTree,
+             **extra_args: Any) -> jax.Array:
+    """The schedule's decision for this update, as a boolean scalar, without
+    taking the step: for a two-phase step whose second phase is chosen on
+    the host (e.g. AE-SAM, whose decision reads the gradient).
+
+    Call it inside a traced function with the arguments the step's
+    ``tx.update`` would get; ``True`` for a schedule that never skips.
+    Reading the result on the host (``bool(flag)``) waits for the first
+    phase: one device-to-host transfer per step.
+
+    Example (AE-SAM in two phases, no ``lax.cond``):
+      >>> import functools, jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> tx = sam_optax.ae_sam(optax.sgd(0.1), rho=0.05)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> @jax.jit
+      ... def first(params, state):
+      ...   grads = jax.grad(loss_fn)(params)
+      ...   return grads, sam_optax.schedule.decision(tx, grads, state, params)
+      >>> @functools.partial(jax.jit, static_argnames='perturb')
+      ... def second(params, state, grads, perturb):
+      ...   updates, state = tx.update(grads, state, params,
+      ...                              grad_fn=jax.grad(loss_fn), perturb=perturb)
+      ...   return optax.apply_updates(params, updates), state
+      >>> for _ in range(3):
+      ...   grads, flag = first(params, state)
+      ...   params, state = second(params, state, grads, perturb=bool(flag))
+      >>> int(state.count)
+      3
+
+    Raises:
+      ValueError: if ``tx`` holds no SAM-type transformation with a schedule.
+    """
+
+    def update():
+        return tx.update(
+            grads, opt_state, params,
+            grad_fn=_unused_grad_fn,  # pyright: ignore[reportCallIssue]
+            **extra_args)
+
+    probes = probe_schedules("decision", update)
+    if not probes:
+        raise ValueError(
+            "`decision` found no SAM-type transformation with a schedule in "
+            "`tx` (MSAM has none: it takes one gradient per step).")
+    return jnp.asarray(probes[0].decision, jnp.bool_)
+
+
+def sam_count(opt_state: optax.OptState) -> int:
+    """The update count of the SAM-type state inside ``opt_state`` (chains,
+    wrappers, a Flax NNX optimizer's state, replicated ``pmap`` states).
+
+    A host read: call it once, when a run starts or resumes, not per step.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no SAM state, or several.
+    """
+    return _read_count(_count_leaf(opt_state))
+
+
+def _read_count(leaf: Any) -> int:
+    # Across processes a replicated array is not fully addressable: read
+    # this process's copy (every copy holds the same count).
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = leaf.addressable_data(0)
+    return int(np.asarray(leaf).reshape(-1)[0])
+
+
+def _count_leaf(opt_state: optax.OptState) -> jax.Array:
+    states = find_sam_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(
+            f"expected exactly one SAM state in `opt_state`, found "
+            f"{len(states)}.")
+    # A Flax NNX optimizer wraps each array in a Variable: take the array.
+    return jax.tree.leaves(states[0].count)[0]
+
+
+class HostScheduledStep:
+    """A training step that picks one of two compiled programs on the host.
+
+    Built by :func:`host_scheduled`; call it like the step it wraps. It keeps
+    the SAM update count ``t`` in Python: read from the state (one host read)
+    on the first call and whenever it is handed a state it did not return
+    (a checkpoint restored, a state from elsewhere), then counted, so a
+    steady run never waits for the device.
+    """
+
+    def __init__(self, steps: Mapping[bool, Callable[..., Any]],
+                 rule: Callable[[int], bool],
+                 opt_state: Callable[[tuple], Any],
+                 new_opt_state: Callable[[tuple, Any], Any]) -> None:
+        self._steps = dict(steps)
+        self._rule = rule
+        self._opt_state = opt_state
+        self._new_opt_state = new_opt_state
+        self._index: Optional[int] = None
+        self._last: Any = None
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """The count the next call's decision is made for."""
+        return self._count
+
+    def _leaf(self, opt_state: Any) -> Any:
+        leaves = jax.tree.leaves(opt_state)
+        if self._index is None:
+            target = _count_leaf(opt_state)
+            self._index = next(i for i, leaf in enumerate(leaves)
+                               if leaf is target)
+        return leaves[self._index]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaf = self._leaf(self._opt_state(args))
+        if leaf is not self._last:  # not the state we returned: read it
+            self._count = _read_count(leaf)
+        out = self._steps[bool(self._rule(self._count))](*args, **kwargs)
+        self._last = self._leaf(self._new_opt_state(args, out))
+        self._count += 1
+        return out
+
+
+def host_scheduled(
+    make_step: Callable[[bool], Callable[..., Any]],
+    rule: Optional[Callable[[int], bool]],
+    *,
+    opt_state: Callable[[tuple], Any] = lambda args: args[1],
+    new_opt_state: Callable[[tuple, Any], Any] = lambda args, out: out[1],
+) -> HostScheduledStep:
+    """One step out of two compiled programs, chosen on the host by ``rule``.
+
+    ``make_step(perturb)`` builds the (jitted, pmapped, ...) step whose
+    ``tx.update`` gets ``perturb=perturb``: every step builder of the library
+    takes ``perturb=`` (:func:`sam_optax.parallel.train_step` and the other
+    parallel builders, :func:`sam_optax.linen.train_step`). Both programs are
+    compiled on first use; neither holds a conditional.
+
+    Args:
+      make_step: ``make_step(True)`` takes the second gradient,
+        ``make_step(False)`` is the schedule's skipped step.
+      rule: ``rule(t) -> bool``, usually ``count_rule(tx, params)``.
+      opt_state: where the optimizer state is among the step's arguments
+        (default: the second, as in ``step(params, opt_state, batch)``).
+      new_opt_state: where it is in ``(arguments, outputs)`` after the step
+        (default: the second output).
+
+    Returns:
+      A :class:`HostScheduledStep`, called like the step.
+
+    Raises:
+      ValueError: if ``rule`` is ``None`` (the schedule does not depend on
+        the count alone: keep the default path, or see :func:`decision`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda w, batch: jnp.mean((batch @ w - 1.0) ** 2)
+      >>> tx = sam_optax.every_k_sam(optax.sgd(0.1), rho=0.05, k=2)
+      >>> params, batch = jnp.zeros(3), jnp.ones((4, 3))
+      >>> step = sam_optax.schedule.host_scheduled(
+      ...     lambda flag: jax.jit(sam_optax.parallel.train_step(
+      ...         tx, loss_fn, perturb=flag)),
+      ...     sam_optax.schedule.count_rule(tx, params))
+      >>> state = tx.init(params)
+      >>> flags = []
+      >>> for _ in range(4):
+      ...   params, state, loss = step(params, state, batch)
+      ...   flags.append(bool(sam_optax.diagnostics(state).perturbed))
+      >>> flags
+      [True, False, True, False]
+    """
+    if rule is None:
+        raise ValueError(
+            "`rule` is None: this transformation's schedule does not depend "
+            "on the update count alone (AE-SAM), it has no schedule (MSAM), "
+            "or a guard in `base_tx` (`apply_if_finite`, a MultiSteps skip "
+            "rule) may hold the count back. Use the default step (the "
+            "schedule's `lax.cond`), or `sam_optax.schedule.decision` for a "
+            "two-phase step.")
+    steps = {flag: make_step(flag) for flag in (True, False)}
+    return HostScheduledStep(steps, rule, opt_state, new_opt_state)
+
+
 __all__ = [
     "AdaptivePolicyState",
+    "HostScheduledStep",
     "adaptive_policy",
+    "count_rule",
+    "decision",
     "every_k_steps",
     "every_step",
     "gsam_rho_schedule",
+    "host_scheduled",
+    "sam_count",
 ]

@@ -475,7 +475,15 @@ def test_multistep_calls_grad_fn_n_times_and_stays_in_the_ball():
     state = tx.init(params)
     _, state = tx.update(jax.grad(loss_fn)(params), state, params,
                          grad_fn=grad_fn)
-    # One trace of the fori_loop body for steps 2..n, one for the final g.
+    # Steps 2..n written out (no loop for a compiler to optimise apart), one
+    # call each, and one for the final g: n calls.
+    assert len(calls) == 4
+    assert float(sam_optax.diagnostics(state).perturbation_norm) <= 0.5 + 1e-6
+    # Many steps: one loop body, traced once, and one for the final g.
+    calls.clear()
+    tx = sam_optax.multistep_sam(optax.sgd(0.1), 0.5, steps=12, step_size=0.3)
+    _, state = tx.update(jax.grad(loss_fn)(params), tx.init(params), params,
+                         grad_fn=grad_fn)
     assert len(calls) == 2
     assert float(sam_optax.diagnostics(state).perturbation_norm) <= 0.5 + 1e-6
 

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import pytest
 import test_ascent
+import test_ssam
 from numpy_reference import SGD, norm, tmap
 
 import sam_optax
@@ -131,6 +132,16 @@ METHODS = {
     "esam": Method(sam_optax.esam, {"rho": RHO, "beta": 0.5, "seed": 5},
                    _ascent(lambda: test_ascent.ref_esam(5, 0.5, PROBLEM.init)),
                    static_args=("seed",)),
+    "ssam_f": Method(sam_optax.ssam_f,
+                     {"rho": RHO, "sparsity": 0.5, "update_interval": 2},
+                     _ascent(lambda: test_ssam.ref_ssam_f(0.5, 2)),
+                     static_args=("sparsity", "update_interval")),
+    "ssam_d": Method(sam_optax.ssam_d,
+                     {"rho": RHO, "sparsity": 0.5, "update_interval": 2,
+                      "drop_rate": 0.5, "growth_criterion": "weight",
+                      "seed": 5},
+                     _ascent(lambda: test_ssam.ref_ssam_d(0.5, 2, 0.5, 5)),
+                     static_args=("sparsity", "update_interval", "seed")),
     "gsam": Method(sam_optax.gsam, {"rho": RHO, "alpha": 0.3},
                    _direction(lambda: dsr.gsam_direction(0.3))),
     "wsam": Method(sam_optax.wsam, {"rho": RHO, "gamma": 0.8},

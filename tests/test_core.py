@@ -474,3 +474,59 @@ def test_import_under_python_OO():
     result = subprocess.run([sys.executable, "-OO", "-c", "import sam_optax"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------ the descent's opt-in PerturbedPoint
+
+
+def test_descent_with_uses_point_gets_the_point_and_others_do_not():
+    """``uses_point=True``: ``combine`` receives ``point=PerturbedPoint``
+    whose ``grad_fn`` evaluates at the point it is given (gradients only,
+    even from a ``value_and_grad``); a default descent is called with the
+    three positional arguments alone."""
+    from sam_optax import ascent, core, descent, schedule
+    target = jnp.array([1.0, -2.0, 0.5])
+    loss_fn = lambda w: 0.5 * jnp.sum((w - target) ** 2)  # noqa: E731
+    params, rho = jnp.zeros(3), 0.1
+    seen = {}
+
+    def combine_with_point(grads, perturbed_grads, state, *, point):
+        seen["point"] = point
+        seen["at_adv"] = point.grad_fn(point.perturbed_params())
+        seen["at_clean"] = point.grad_fn(point.params)
+        seen["perturbed_grads"] = perturbed_grads
+        return core.DescentResult(perturbed_grads, state)
+
+    def combine_plain(grads, perturbed_grads, state):  # no **kwargs at all
+        seen["plain"] = True
+        return core.DescentResult(perturbed_grads, state)
+
+    def build(combine, uses_point):
+        return sam_optax.sharpness_aware(
+            optax.sgd(1.0), rho, ascent=ascent.normalized_ascent(),
+            descent=core.Descent(init=core.no_state, combine=combine,
+                                 uses_clean_grads=False,
+                                 uses_point=uses_point),
+            schedule=schedule.every_step())
+
+    grads = jax.grad(loss_fn)(params)
+    tx = build(combine_with_point, True)
+    updates, _ = tx.update(grads, tx.init(params), params,
+                           grad_fn=jax.value_and_grad(loss_fn))
+    point = seen["point"]
+    assert isinstance(point, core.PerturbedPoint)
+    eps = rho * np.asarray(grads) / np.linalg.norm(np.asarray(grads))
+    np.testing.assert_allclose(point.epsilon, eps, rtol=1e-6)
+    np.testing.assert_allclose(point.rho, rho)
+    np.testing.assert_array_equal(point.params, params)
+    # grad_fn(point) is ∇L at that point: w + ε gives the perturbed gradient.
+    np.testing.assert_allclose(seen["at_adv"], seen["perturbed_grads"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(seen["at_adv"], eps - target, rtol=1e-6)
+    np.testing.assert_allclose(seen["at_clean"], grads, rtol=1e-6)
+    np.testing.assert_allclose(updates, -(eps - target), rtol=1e-6)
+    assert descent.sam_gradient().uses_point is False
+
+    tx = build(combine_plain, False)
+    tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss_fn))
+    assert seen["plain"]

@@ -23,12 +23,15 @@ import optax
 import sam_optax
 
 SAM_METHODS = ("sam", "asam", "fisher_sam", "friendly_sam", "gcsam", "vasso",
-               "random_sam", "multistep_sam", "esam", "gsam", "wsam", "looksam",
-               "every_k_sam", "ae_sam", "msam")
+               "random_sam", "multistep_sam", "esam", "ssam_f", "ssam_d",
+               "gsam", "wsam", "looksam", "every_k_sam", "ae_sam", "msam",
+               "lookbehind_sam", "sampa", "gam")
 OPTIMIZERS = ("sgd",) + SAM_METHODS
-# Keep a momentum of the gradient that defines ε: per replica under per-device
-# ε, which a replicated state cannot hold (run them with one ε).
-PER_REPLICA_STATE = ("friendly_sam", "vasso")
+# Keep state computed from the gradient that defines ε (a momentum, a sparse
+# mask, a perturbed point): per replica under per-device ε, which a
+# replicated state cannot hold (run them with one ε).
+PER_REPLICA_STATE = ("friendly_sam", "vasso", "ssam_f", "ssam_d",
+                     "lookbehind_sam")
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -136,10 +139,13 @@ def create(config: Any, total_steps: int, axis_name: Optional[Any] = None
             f"`config.{name}` may set {sorted(default_hyperparameters(name))}")
     if name == "wsam" and hyper.get("decoupled"):
         hyper["learning_rate"] = schedule  # the decoupled step needs η_t
+    constructor = getattr(sam_optax, name)
     if axis_name is not None:
-        hyper.update(axis_name=axis_name,
-                     sync_perturbation=bool(config.sync_perturbation))
-    return getattr(sam_optax, name)(base, **hyper)
+        hyper["axis_name"] = axis_name
+        # (SAMPa has no per-replica ε: its gradients are always averaged.)
+        if "sync_perturbation" in inspect.signature(constructor).parameters:
+            hyper["sync_perturbation"] = bool(config.sync_perturbation)
+    return constructor(base, **hyper)
 
 
 __all__ = ["BASE_OPTIMIZERS", "ConfigError", "LR_SCHEDULES", "OPTIMIZERS",

@@ -62,7 +62,8 @@ DATA_AXIS = "data"
 CHUNK_AXIS = "chunk"
 # Keys that control how a job runs, not what it computes: they may change
 # when a job is resumed.
-RUN_CONTROL_KEYS = ("checkpoint_every_steps", "progress_bar", "data_dir")
+RUN_CONTROL_KEYS = ("checkpoint_every_steps", "progress_bar", "data_dir",
+                    "host_schedule")
 # The per-step metrics, packed into one vector by the step.
 STEP_METRICS = ("train_loss", "train_accuracy", "grad_norm", "sharpness",
                 "perturbed")
@@ -219,15 +220,31 @@ def _loss_fn(apply: Callable, batch: tuple) -> tuple[jax.Array, dict]:
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def make_train_step(topo: Topology, is_sam: bool) -> Callable:
+def make_train_step(topo: Topology, is_sam: bool,
+                    rule: Optional[Callable[[int], bool]] = None) -> Callable:
     """``step(state, batch, key) -> (state, metrics vector)``, jitted.
 
     The per-device body is ``sam_optax.linen.train_step`` with the job's
     axes; with ``chunks > 1`` it runs under ``vmap`` over chunks of m
     examples (one ε each). The metrics come back as one float32 vector
     (:data:`STEP_METRICS`), read by the host once per epoch.
+
+    With ``rule`` (a count-based schedule's ``count_rule``), two programs are
+    compiled, with and without the second gradient, and the host picks one
+    per step (:func:`sam_optax.schedule.host_scheduled`): no ``lax.cond``.
     """
-    body = sam_optax.linen.train_step(_loss_fn, axis_name=topo.axis_name)
+    if rule is not None:
+        return sam_optax.schedule.host_scheduled(
+            lambda flag: _compiled_train_step(topo, is_sam, flag), rule,
+            opt_state=lambda args: args[0].opt_state,
+            new_opt_state=lambda args, out: out[0].opt_state)
+    return _compiled_train_step(topo, is_sam, None)
+
+
+def _compiled_train_step(topo: Topology, is_sam: bool,
+                         perturb: Optional[bool]) -> Callable:
+    body = sam_optax.linen.train_step(_loss_fn, axis_name=topo.axis_name,
+                                      perturb=perturb)
     if topo.chunks > 1:
         chunked = jax.vmap(body, in_axes=(None, 0, None), out_axes=(None, None),
                            axis_name=CHUNK_AXIS)
@@ -559,7 +576,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     is_sam = config.optimizer != "sgd"
     tx = optim.create(config, total_steps, topo.axis_name)
     state = init_state(config, topo, splits, tx)
-    train_step = make_train_step(topo, is_sam)
+    rule = (sam_optax.schedule.count_rule(tx, state.params)
+            if is_sam and config.host_schedule else None)
+    train_step = make_train_step(topo, is_sam, rule)
     evaluate = make_eval_step(topo, config.optimizer)
     eval_batch = math.ceil(config.eval_batch_size / len(topo.mesh.devices.flat)
                            ) * len(topo.mesh.devices.flat)
