@@ -783,6 +783,16 @@ def _top_k(scores: jax.Array, k: Union[int, jax.Array]) -> jax.Array:
     return ranks < k
 
 
+def _on_refresh_steps(count: jax.Array, update_interval: int,
+                      refresh: Callable[[Any], Any], keep: Callable[[Any], Any],
+                      operand: Any) -> Any:
+    """``refresh(operand)`` at steps 0, T, 2T, ... (T = ``update_interval``),
+    else ``keep(operand)``; no conditional when every step refreshes."""
+    if update_interval == 1:
+        return refresh(operand)
+    return jax.lax.cond(count % update_interval == 0, refresh, keep, operand)
+
+
 def _typed_like_grads(tree: PyTree, grads: PyTree) -> PyTree:
     """Under ``shard_map``, ``tree`` typed varying wherever the (local)
     gradient is, so both branches of a mask refresh have one type (and a
@@ -883,12 +893,8 @@ def fisher_sparse_ascent(sparsity: float = 0.5, update_interval: int = 100, *,
             def keep_mask(fisher):
                 return _typed_like_grads((state.mask, fisher), grads)
 
-            if update_interval == 1:
-                coordinate_mask, fisher = refresh(fisher)
-            else:
-                coordinate_mask, fisher = jax.lax.cond(
-                    state.count % update_interval == 0, refresh, keep_mask,
-                    fisher)
+            coordinate_mask, fisher = _on_refresh_steps(
+                state.count, update_interval, refresh, keep_mask, fisher)
         epsilon = _sparse_epsilon(unit.direction, coordinate_mask, pool)
         return Perturbation(epsilon, FisherSparseState(
             count=jnp.asarray(optax.safe_int32_increment(state.count)),
@@ -1003,11 +1009,8 @@ def dynamic_sparse_ascent(sparsity: float = 0.5, update_interval: int = 100,
             def keep_mask(key):
                 return _typed_like_grads(state.mask, grads), key
 
-            if update_interval == 1:
-                coordinate_mask, key = refresh(key)
-            else:
-                coordinate_mask, key = jax.lax.cond(
-                    state.count % update_interval == 0, refresh, keep_mask, key)
+            coordinate_mask, key = _on_refresh_steps(
+                state.count, update_interval, refresh, keep_mask, key)
         epsilon = _sparse_epsilon(unit.direction, coordinate_mask, pool)
         return Perturbation(epsilon, DynamicSparseState(
             count=jnp.asarray(optax.safe_int32_increment(state.count)),

@@ -377,11 +377,7 @@ def report_schedule(schedule: Schedule, base_state: Any, kind: str,
     """Inside ``update``: answer an active probe of ``kind`` and stop."""
     if not _active_probe or _active_probe[-1][0] != kind:
         return
-    guarded = bool(find_states(base_state, optax.ApplyIfFiniteState)
-                   or any(isinstance(s.skip_state, dict)
-                          and "should_skip" in s.skip_state
-                          for s in find_states(base_state,
-                                               optax.MultiStepsState)))
+    guarded = bool(_guard_flags(base_state))
     _active_probe[-1][1].append(
         ScheduleProbe(schedule.on_count, guarded, decision))
     raise _ProbeDone
@@ -504,15 +500,23 @@ def _base_rejected(base_state: Any) -> Optional[jax.Array]:
     Reads the flag the wrapper computed itself, so guarding the SAM-side
     state costs no extra pass over the gradients.
     """
-    flags = [s.last_finite for s in find_states(base_state,
-                                                 optax.ApplyIfFiniteState)]
-    # `optax.MultiSteps(..., should_skip_update_fn=optax.skip_not_finite)`.
-    flags += [jnp.logical_not(s.skip_state["should_skip"])
-              for s in find_states(base_state, optax.MultiStepsState)
-              if isinstance(s.skip_state, dict) and "should_skip" in s.skip_state]
+    flags = _guard_flags(base_state)
     if not flags:
         return None
     return jnp.logical_not(jnp.all(jnp.stack(flags)))
+
+
+def _guard_flags(base_state: Any) -> list[jax.Array]:
+    """The "step accepted" flags of the guards inside ``base_tx``: an
+    ``optax.apply_if_finite``'s, or a ``MultiSteps``' with a
+    ``should_skip_update_fn`` (e.g. ``optax.skip_not_finite``); empty when
+    ``base_tx`` holds neither."""
+    flags = [s.last_finite for s in find_states(base_state,
+                                                 optax.ApplyIfFiniteState)]
+    flags += [jnp.logical_not(s.skip_state["should_skip"])
+              for s in find_states(base_state, optax.MultiStepsState)
+              if isinstance(s.skip_state, dict) and "should_skip" in s.skip_state]
+    return flags
 
 
 def perturbed_gradient(grad_fn: Callable[[PyTree], Any], params: PyTree,
@@ -910,8 +914,17 @@ def diagnostics(opt_state: Any) -> SAMDiagnostics:
     Raises:
       ValueError: if the state holds no SAM state, or several.
     """
+    return the_sam_state(opt_state).diagnostics
+
+
+def the_sam_state(opt_state: Any) -> SAMState:
+    """The one :class:`SAMState` inside an optimizer state.
+
+    Raises:
+      ValueError: if the state holds no SAM state, or several.
+    """
     states = find_sam_states(opt_state)
     if len(states) != 1:
         raise ValueError(
             f"expected exactly one SAM state in `opt_state`, found {len(states)}.")
-    return states[0].diagnostics
+    return states[0]

@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sam_optax import validation
 from sam_optax.collectives import (  # noqa: F401 -- re-exported
     axis_names,
     check_local_gradients,
@@ -483,12 +484,7 @@ def split_into_chunks(batch: PyTree, chunk_size: int) -> PyTree:
             chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(
             f"`chunk_size` must be an integer >= 1; got {chunk_size!r}.")
-    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "every batch leaf must have the same leading (batch) dimension; "
-            f"got {sorted(map(str, sizes))}.")
-    size = int(np.shape(jax.tree.leaves(batch)[0])[0])
+    size = validation.leading_size(batch, "batch")
     if size % chunk_size:
         raise ValueError(
             f"the batch size {size} is not a multiple of `chunk_size` "

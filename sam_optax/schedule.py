@@ -23,9 +23,9 @@ import optax
 from sam_optax import numerics, validation
 from sam_optax.core import (
     Schedule,
-    find_sam_states,
     no_state,
     probe_schedules,
+    the_sam_state,
 )
 from sam_optax.types import PyTree, ScalarOrSchedule
 
@@ -368,13 +368,8 @@ def _read_count(leaf: Any) -> int:
 
 
 def _count_leaf(opt_state: optax.OptState) -> jax.Array:
-    states = find_sam_states(opt_state)
-    if len(states) != 1:
-        raise ValueError(
-            f"expected exactly one SAM state in `opt_state`, found "
-            f"{len(states)}.")
     # A Flax NNX optimizer wraps each array in a Variable: take the array.
-    return jax.tree.leaves(states[0].count)[0]
+    return jax.tree.leaves(the_sam_state(opt_state).count)[0]
 
 
 class HostScheduledStep:

@@ -188,6 +188,36 @@ def check_same_shapes(tree: Any, params: Any, name: str) -> None:
                 f"{np.shape(t)} but the parameter has shape {np.shape(p)}.")
 
 
+def leading_size(tree: Any, name: str, hint: str = "") -> int:
+    """The leading (example) axis every array leaf of ``tree`` shares.
+
+    Raises:
+      ValueError: naming ``name`` and the offending leaf (or the sizes) when
+        ``tree`` has no arrays, a scalar leaf, or leaves that disagree;
+        ``hint`` (the fix in the caller's terms) is appended.
+    """
+    suffix = f" {hint}" if hint else ""
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not paths:
+        raise ValueError(f"`{name}` has no arrays: it must hold the examples "
+                         "stacked on a leading axis." + suffix)
+    sizes = []
+    for path, leaf in paths:
+        shape = np.shape(leaf)
+        if not shape:
+            raise ValueError(
+                f"`{name}` leaf {jax.tree_util.keystr(path)} is a scalar: "
+                f"every leaf of `{name}` must have the examples on its "
+                "leading axis." + suffix)
+        sizes.append((jax.tree_util.keystr(path), shape[0]))
+    if len({size for _, size in sizes}) > 1:
+        listed = ", ".join(f"{path or name}: {size}" for path, size in sizes)
+        raise ValueError(
+            f"the leaves of `{name}` must share their leading (example) axis; "
+            f"got {listed}." + suffix)
+    return int(sizes[0][1])
+
+
 def check_no_masked_nodes(params: Any) -> None:
     """SAM needs the whole parameter tree to evaluate ``grad_fn``."""
     is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731

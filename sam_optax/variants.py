@@ -895,7 +895,8 @@ def _with_data_selection(
                 "`example_loss_fn` must be a function `example_loss_fn("
                 f"params, batch) -> losses` (shape [n]); got "
                 f"{type(example_loss_fn).__name__}.")
-        n = _batch_size(batch)
+        n = validation.leading_size(
+            batch, "batch", "(Bind constants into `example_loss_fn`.)")
         k = max(1, min(n, math.floor(ratio * n + 0.5)))
         if example_losses is not None:
             _check_example_losses(example_losses, n, "example_losses")
@@ -905,30 +906,6 @@ def _with_data_selection(
 
     return optax.GradientTransformationExtraArgs(
         tx.init, cast(optax.TransformUpdateExtraArgsFn, update_fn))
-
-
-def _batch_size(batch: PyTree) -> int:
-    """n, the leading axis every leaf of ``batch`` shares."""
-    paths = jax.tree_util.tree_flatten_with_path(batch)[0]
-    if not paths:
-        raise ValueError("`batch` has no arrays: pass the mini-batch "
-                         "`example_loss_fn(params, batch)` takes.")
-    sizes = []
-    for path, leaf in paths:
-        shape = np.shape(leaf)
-        if not shape:
-            raise ValueError(
-                f"`batch` leaf {jax.tree_util.keystr(path)} is a scalar: every "
-                "leaf of `batch` must have the examples on its leading axis "
-                "(bind constants into `example_loss_fn` instead).")
-        sizes.append((jax.tree_util.keystr(path), shape[0]))
-    if len({size for _, size in sizes}) > 1:
-        listed = ", ".join(f"{name or 'batch'}: {size}"
-                           for name, size in sizes)
-        raise ValueError(
-            "the leaves of `batch` must share their leading (example) axis; "
-            f"got {listed}.")
-    return sizes[0][1]
 
 
 def _check_example_losses(losses: Any, n: int, name: str) -> None:
